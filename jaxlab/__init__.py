@@ -1,0 +1,23 @@
+"""jaxlab: GRASP, STEP and variance-reduced MeanFlow as composable pure-functional JAX pieces.
+
+The public API is re-exported here; each subpackage owns its names through its own ``__all__``.
+Private modules start with ``_``.
+"""
+
+from jaxlab import data, distributed, kernels, losses, metrics, nm, nn, training, transforms
+from jaxlab.data import *
+from jaxlab.losses import *
+from jaxlab.metrics import *
+from jaxlab.transforms import *
+from jaxlab.training import *
+
+__version__ = "0.1.0"
+
+__all__ = (
+    ["data", "distributed", "kernels", "losses", "metrics", "nm", "nn", "training", "transforms"]
+    + list(data.__all__)
+    + list(losses.__all__)
+    + list(metrics.__all__)
+    + list(transforms.__all__)
+    + list(training.__all__)
+)

@@ -1,0 +1,6 @@
+"""Flax Linen modules: velocity MLP, time embeddings (transformer, DiT, LoRA come with the method issues)."""
+
+from jaxlab.nn.embeddings import TimeEmbedding, sinusoidal_embedding
+from jaxlab.nn.mlp import VelocityMLP
+
+__all__ = ["TimeEmbedding", "VelocityMLP", "sinusoidal_embedding"]
