@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity hash: usable as a jit static/callable
 class GaussianMixture:
     """Isotropic Gaussian mixture ``x ~ sum_k pi_k N(m_k, s_k^2 I)``.
 
