@@ -1,1 +1,23 @@
-__all__: list[str] = []
+"""Pallas kernels for the hot ops, each beside a pure-jnp ``*_reference`` and an XLA fallback.
+
+``nm_matmul``: compressed N:M weight matmul (deploying STEP-trained models), see
+:mod:`jaxlab.kernels.nm_matmul`.
+"""
+
+from jaxlab.kernels.nm_matmul import (
+    AUTO_MAX_BATCH,
+    SUPPORTED_M,
+    BlockSizes,
+    index_bits,
+    nm_matmul,
+    nm_matmul_reference,
+)
+
+__all__: list[str] = [
+    "AUTO_MAX_BATCH",
+    "BlockSizes",
+    "SUPPORTED_M",
+    "index_bits",
+    "nm_matmul",
+    "nm_matmul_reference",
+]

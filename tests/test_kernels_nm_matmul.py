@@ -1,0 +1,258 @@
+"""Compressed N:M matmul: Pallas kernel (interpret mode on CPU) == reference == x @ (w * mask)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.kernels import BlockSizes, nm_matmul, nm_matmul_reference
+
+nm_mod = importlib.import_module("jaxlab.kernels.nm_matmul")  # the module (the package exports the function)
+
+RATIOS = [(2, 4), (1, 4), (1, 8), (2, 8), (4, 16)]
+BITS = {2: 1, 4: 2, 8: 4, 16: 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent NumPy implementation of the jaxlab.nm compressed format (for building inputs and
+# the pruned dense weight the results are checked against).
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _NMC:
+    values: object
+    indices: object
+    n: int = dataclasses.field(metadata=dict(static=True))
+    m: int = dataclasses.field(metadata=dict(static=True))
+    axis: int = dataclasses.field(metadata=dict(static=True))
+    shape: tuple = dataclasses.field(metadata=dict(static=True))
+    dtype: object = dataclasses.field(metadata=dict(static=True))
+
+
+def _np_compress(w: np.ndarray, n: int, m: int, *, m_override: int | None = None):
+    """Keep the n largest |w| of every m consecutive rows; return (compressed, w * mask)."""
+    k, cols = w.shape
+    groups = w.reshape(k // m, m, cols)
+    mag = np.abs(groups.astype(np.float64))
+    keep = np.sort(np.argsort(-mag, axis=1, kind="stable")[:, :n], axis=1)  # (G, n, C) ascending
+    vals = np.take_along_axis(groups, keep, axis=1).reshape(-1, cols)
+    bits = BITS[m]
+    q = 8 // bits
+    ent = keep.reshape(-1, cols).astype(np.uint8)
+    rows = -(-ent.shape[0] // q)
+    ent = np.concatenate([ent, np.zeros((rows * q - ent.shape[0], cols), np.uint8)])
+    ent = ent.reshape(rows, q, cols)
+    packed = np.zeros((rows, cols), np.uint8)
+    for s in range(q):
+        packed |= (ent[:, s] << (bits * s)).astype(np.uint8)
+    mask = np.zeros(groups.shape, bool)
+    np.put_along_axis(mask, keep, True, axis=1)
+    pruned = np.where(mask.reshape(k, cols), w, 0)
+    c = _NMC(jnp.asarray(vals), jnp.asarray(packed), n, m_override or m, 0, (k, cols), vals.dtype)
+    return c, pruned
+
+
+def _compress(w, n, m):
+    return _np_compress(np.asarray(w), n, m)
+
+
+def _tol(dtype):
+    return (2e-2, 2e-2) if jnp.dtype(dtype) == jnp.bfloat16 else (2e-5, 2e-5)
+
+
+def _assert_close(y, ref, dtype):
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    ref = np.asarray(ref, np.float64)
+    rtol, atol = _tol(dtype)
+    scale = max(float(np.sqrt(np.mean(ref**2))), 1e-6)
+    np.testing.assert_allclose(y, ref, rtol=rtol, atol=atol * scale)
+
+
+def _problem(seed, batch, k, cols, n, m, dtype):
+    rng = np.random.default_rng(seed)
+    w = np.asarray(jnp.asarray(rng.standard_normal((k, cols)), dtype))
+    x = jnp.asarray(rng.standard_normal((batch, k)), dtype)
+    c, pruned = _compress(w, n, m)
+    exact = np.asarray(x, np.float64) @ pruned.astype(np.float64)
+    return x, c, exact
+
+
+# (batch, K, N_out, block_k): K and N_out are deliberately not multiples of the tiles; batch 3 and 7
+# use the GEMV grid, 20 the GEMM grid with a ragged batch tile.
+SHAPES = {
+    (2, 4): (3, 160, 200, 64),
+    (1, 4): (20, 96, 130, 64),
+    (1, 8): (7, 200, 136, 64),
+    (2, 8): (20, 136, 64, 64),
+    (4, 16): (5, 96, 140, 64),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("nm", RATIOS, ids=[f"{n}of{m}" for n, m in RATIOS])
+def test_kernel_matches_reference_and_pruned_dense(nm, dtype):
+    n, m = nm
+    batch, k, cols, bk = SHAPES[nm]
+    x, c, exact = _problem(sum(nm) + k, batch, k, cols, n, m, dtype)
+    bs = BlockSizes(block_b=16, block_k=bk, block_n=128)
+    y = nm_matmul(x, c, implementation="pallas", block_sizes=bs, interpret=True)
+    ref = nm_matmul_reference(x, c)
+    assert y.shape == (batch, cols) and y.dtype == jnp.dtype(dtype)
+    assert ref.dtype == jnp.dtype(dtype)
+    assert np.all(np.isfinite(np.asarray(y, np.float32)))  # ragged tiles read NaN padding in interpret
+    _assert_close(y, ref, dtype)
+    _assert_close(y, exact, dtype)
+    _assert_close(ref, exact, dtype)
+    _assert_close(nm_matmul(x, c, implementation="xla"), exact, dtype)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 16), (3, 8)], ids=["2of4", "4of16", "3of8"])
+def test_gemv_fma_body_matches(nm):
+    """The FMA + column-reduction body (GPU GEMV) computes the same product as the dot body."""
+    n, m = nm
+    x, c, exact = _problem(7, 4, 192, 136, n, m, jnp.float32)
+    bs = BlockSizes(block_b=8, block_k=64, block_n=128)
+    y_fma = nm_matmul(x, c, implementation="pallas", block_sizes=bs, interpret=True, use_dot=False)
+    _assert_close(y_fma, exact, jnp.float32)
+
+
+def test_default_block_sizes_leading_dims_and_jit():
+    x, c, exact = _problem(3, 6, 256, 160, 2, 4, jnp.float32)
+    x3 = x.reshape(2, 3, 256)
+    f = jax.jit(lambda a, cc: nm_matmul(a, cc, implementation="pallas"))  # interpret: auto on CPU
+    y = f(x3, c)
+    assert y.shape == (2, 3, 160)
+    _assert_close(y.reshape(6, 160), exact, jnp.float32)
+
+
+def test_mixed_dtypes_promote():
+    x, c, exact = _problem(5, 2, 64, 128, 1, 4, jnp.bfloat16)
+    y = nm_matmul(x.astype(jnp.float32), c, implementation="pallas", interpret=True)
+    assert y.dtype == jnp.float32
+    _assert_close(y, exact, jnp.float32)
+
+
+def test_auto_dispatch_is_xla_on_cpu_and_kernel_only_when_memory_bound():
+    x, c, _ = _problem(1, 2, 64, 128, 2, 4, jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda a: nm_matmul(a, c))(x))
+    assert "pallas_call" not in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda a: nm_matmul(a, c, implementation="pallas"))(x))
+    assert "pallas_call" in jaxpr
+    auto = nm_mod._auto_implementation
+    assert auto(1, 2, 4, 4096, 4096, "gpu") == "pallas"
+    assert auto(16, 1, 4, 4096, 14336, "tpu") == "pallas"
+    assert auto(4096, 2, 4, 4096, 4096, "gpu") == "xla"  # compute-bound: dense tensor cores win
+    assert auto(1, 2, 4, 4096, 4096, "cpu") == "xla"
+    assert auto(1, 3, 4, 4096, 4096, "gpu") == "xla"  # 3:4 saves too little bandwidth
+    assert auto(1, 2, 4, 64, 128, "gpu") == "xla"  # tiny weight: launch-bound
+
+
+def test_ad_falls_back_to_reference():
+    """jvp and grad through the kernel path equal those of the reference (bilinear tangent)."""
+    x, c, _ = _problem(11, 3, 64, 128, 2, 4, jnp.float32)
+
+    def f_kernel(a, vals):
+        cc = dataclasses.replace(c, values=vals)
+        return jnp.sum(jnp.sin(nm_matmul(a, cc, implementation="pallas", interpret=True)))
+
+    def f_ref(a, vals):
+        return jnp.sum(jnp.sin(nm_matmul_reference(a, dataclasses.replace(c, values=vals))))
+
+    gk = jax.grad(f_kernel, argnums=(0, 1))(x, c.values)
+    gr = jax.grad(f_ref, argnums=(0, 1))(x, c.values)
+    for a, b in zip(gk, gr):
+        _assert_close(a, b, jnp.float32)
+    tx = jnp.ones_like(x)
+    _, tk = jax.jvp(lambda a: nm_matmul(a, c, implementation="pallas", interpret=True), (x,), (tx,))
+    _, tr = jax.jvp(lambda a: nm_matmul_reference(a, c), (x,), (tx,))
+    _assert_close(tk, tr, jnp.float32)
+
+
+def test_reference_unpacking_matches_bit_layout():
+    """Golden 2:4 case: byte 0b_11_01_10_00 = indices (0, 2, 1, 3) -> groups {0,2} and {1,3}."""
+    vals = jnp.asarray([[1.0], [2.0], [3.0], [4.0]])
+    idx = jnp.asarray([[0b11011000]], jnp.uint8)
+    c = _NMC(vals, idx, 2, 4, 0, (8, 1), jnp.float32)
+    w = nm_mod._decompress_dense(c.values, c.indices, 2, 4, 8)
+    np.testing.assert_array_equal(np.asarray(w[:, 0]), [1, 0, 2, 0, 0, 3, 0, 4])
+    x = jnp.arange(1.0, 9.0)[None]
+    expect = 1 * 1 + 3 * 2 + 6 * 3 + 8 * 4
+    assert float(nm_matmul_reference(x, c)[0, 0]) == expect
+    y = nm_matmul(x, c, implementation="pallas", interpret=True)
+    assert float(y[0, 0]) == expect
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_wrong_k_raises_naming_expected_shape():
+    x, c, _ = _problem(0, 2, 64, 128, 2, 4, jnp.float32)
+    with pytest.raises(ValueError, match=r"last dim 60; expected \(\.\.\., K=64\)"):
+        nm_matmul(x[:, :60], c)
+    with pytest.raises(ValueError, match=r"K=64"):
+        nm_matmul_reference(x[:, :60], c)
+
+
+def test_unsupported_m_and_malformed_inputs_raise():
+    x, c, _ = _problem(0, 2, 96, 128, 1, 4, jnp.float32)
+    bad_m = dataclasses.replace(c, m=3, n=1)
+    with pytest.raises(ValueError, match=r"unsupported N:M group size M=3.*\(2, 4, 8, 16\)"):
+        nm_matmul(x, bad_m)
+    with pytest.raises(ValueError, match=r"reduction axis 0"):
+        nm_matmul(x, dataclasses.replace(c, axis=1))
+    with pytest.raises(ValueError, match=r"c.values has shape \(24, 128\); expected .*\(48, 128\)"):
+        nm_matmul(x, dataclasses.replace(c, n=2))
+    with pytest.raises(TypeError, match="NMCompressed"):
+        nm_matmul(x, jnp.zeros((96, 128)))
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        nm_matmul(x.astype(jnp.int32), c)
+    with pytest.raises(ValueError, match="implementation must be"):
+        nm_matmul(x, c, implementation="triton")
+    with pytest.raises(ValueError, match=r"block_k=40 must be a multiple of M \* \(8 // bits\) = 16"):
+        nm_matmul(x, c, implementation="pallas", block_sizes=BlockSizes(8, 40, 128), interpret=True)
+
+
+def test_block_sizes_frozen_validated_and_per_backend():
+    bs = BlockSizes(8, 128, 128)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bs.block_k = 64  # type: ignore[misc]
+    assert hash(bs) == hash(BlockSizes(8, 128, 128))
+    with pytest.raises(ValueError, match="block_n must be a positive int"):
+        BlockSizes(8, 128, 0)
+    tpu_gemv = BlockSizes.get_default("tpu", batch=1)
+    tpu_gemm = BlockSizes.get_default("tpu", batch=4096)
+    assert tpu_gemv != tpu_gemm and tpu_gemv.block_k > tpu_gemm.block_k
+    assert BlockSizes.get_default("cuda", batch=1) == BlockSizes.get_default("gpu", batch=1)
+    for backend in ("tpu", "gpu", "cpu"):  # every default aligns packed bytes for every M
+        for batch in (1, 4096):
+            d = BlockSizes.get_default(backend, batch=batch)
+            assert all(d.block_k % (m * 8 // BITS[m]) == 0 for m in BITS)
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+def _device_check(backend):
+    for n, m in RATIOS:
+        for batch in (1, 64):
+            x, c, exact = _problem(n + m, batch, 1024, 512, n, m, jnp.bfloat16)
+            y = nm_matmul(x, c, implementation="pallas", interpret=False)
+            _assert_close(y, exact, jnp.bfloat16)
+            assert jax.default_backend() in (backend, "cuda", "rocm")
+
+
+@pytest.mark.gpu
+def test_kernel_compiles_and_matches_on_gpu():
+    _device_check("gpu")
+
+
+@pytest.mark.tpu
+def test_kernel_compiles_and_matches_on_tpu():
+    _device_check("tpu")
