@@ -12,6 +12,7 @@ CFG = {
     "model": {"name": "velocity_mlp", "options": {"hidden": 32, "depth": 2, "time_dim": 8}},
     "task": {"name": "flow_matching", "options": {"sample_steps": 3, "sw_projections": 32}},
     "train": {"steps": 6, "log_every": 2, "eval_every": 3, "ckpt_every": 3, "progress": False},
+    "mesh": {"data": 1},
 }
 
 

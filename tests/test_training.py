@@ -20,6 +20,7 @@ BASE = {
     "task": {"name": "flow_matching", "options": {"sample_steps": 4, "sw_projections": 64}},
     "train": {"steps": 12, "log_every": 2, "eval_every": 6, "ckpt_every": 4, "keep": 5, "progress": False,
               "ema_decay": 0.9},
+    "mesh": {"data": 1},
 }
 
 

@@ -42,7 +42,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None) -
     ``-1`` on one axis takes the remaining devices. Example: ``make_mesh(fsdp=-1)`` is pure FSDP.
     """
     devices = jax.devices() if devices is None else list(devices)
-    shape = _resolve((data, fsdp, tensor), len(devices), "make_mesh")
+    sizes = (data, fsdp, tensor)
+    if -1 not in sizes and 0 < math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
+    shape = _resolve(sizes, len(devices), "make_mesh")
     if devices == jax.devices():
         # Auto axes: XLA's sharding propagation places intermediates (jax.make_mesh defaults to Explicit).
         return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * len(MESH_AXES))
