@@ -9,54 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _nm_format import BITS
+from _nm_format import NMC as _NMC
+from _nm_format import np_compress as _np_compress
 
 from jaxlab.kernels import BlockSizes, nm_matmul, nm_matmul_reference
 
 nm_mod = importlib.import_module("jaxlab.kernels.nm_matmul")  # the module (the package exports the function)
 
 RATIOS = [(2, 4), (1, 4), (1, 8), (2, 8), (4, 16)]
-BITS = {2: 1, 4: 2, 8: 4, 16: 4}
-
-
-# ---------------------------------------------------------------------------------------------
-# An independent NumPy implementation of the jaxlab.nm compressed format (for building inputs and
-# the pruned dense weight the results are checked against).
-# ---------------------------------------------------------------------------------------------
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _NMC:
-    values: object
-    indices: object
-    n: int = dataclasses.field(metadata=dict(static=True))
-    m: int = dataclasses.field(metadata=dict(static=True))
-    axis: int = dataclasses.field(metadata=dict(static=True))
-    shape: tuple = dataclasses.field(metadata=dict(static=True))
-    dtype: object = dataclasses.field(metadata=dict(static=True))
-
-
-def _np_compress(w: np.ndarray, n: int, m: int, *, m_override: int | None = None):
-    """Keep the n largest |w| of every m consecutive rows; return (compressed, w * mask)."""
-    k, cols = w.shape
-    groups = w.reshape(k // m, m, cols)
-    mag = np.abs(groups.astype(np.float64))
-    keep = np.sort(np.argsort(-mag, axis=1, kind="stable")[:, :n], axis=1)  # (G, n, C) ascending
-    vals = np.take_along_axis(groups, keep, axis=1).reshape(-1, cols)
-    bits = BITS[m]
-    q = 8 // bits
-    ent = keep.reshape(-1, cols).astype(np.uint8)
-    rows = -(-ent.shape[0] // q)
-    ent = np.concatenate([ent, np.zeros((rows * q - ent.shape[0], cols), np.uint8)])
-    ent = ent.reshape(rows, q, cols)
-    packed = np.zeros((rows, cols), np.uint8)
-    for s in range(q):
-        packed |= (ent[:, s] << (bits * s)).astype(np.uint8)
-    mask = np.zeros(groups.shape, bool)
-    np.put_along_axis(mask, keep, True, axis=1)
-    pruned = np.where(mask.reshape(k, cols), w, 0)
-    c = _NMC(jnp.asarray(vals), jnp.asarray(packed), n, m_override or m, 0, (k, cols), vals.dtype)
-    return c, pruned
 
 
 def _compress(w, n, m):
