@@ -2,5 +2,7 @@
 
 from jaxlab.nn.embeddings import TimeEmbedding, sinusoidal_embedding
 from jaxlab.nn.mlp import VelocityMLP
+from jaxlab.nn.nm_dense import NMDense
 
 __all__ = ["TimeEmbedding", "VelocityMLP", "sinusoidal_embedding"]
+__all__ += ["NMDense"]
