@@ -119,8 +119,6 @@ class MeshConfig:
     tensor: int = 1
     ici: list[int] | None = None
     dcn: list[int] | None = None
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     distributed: bool = False
 
 

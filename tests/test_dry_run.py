@@ -1,0 +1,38 @@
+"""--dry-run: compile one step for a 64-device multislice config on simulated CPU devices."""
+
+import json
+from pathlib import Path
+
+from jaxlab.cli import main
+from jaxlab.training import load_config
+from jaxlab.training.dry_run import dry_run, mesh_device_count
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = str(ROOT / "experiments/flow_matching_2d/config.yaml")
+
+
+def test_dry_run_64_devices_multislice(capfd):
+    cfg = load_config(
+        CFG,
+        overlays=[ROOT / "tpu_configs/v5p-64x2-multislice.yaml"],
+        sets=["mesh.distributed=false", "out_dir=/tmp/jaxlab-dry-run"],
+    )
+    assert mesh_device_count(cfg.mesh) == 64
+    assert dry_run(cfg, as_json=True) == 0
+    rep = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert rep["devices"] == 64
+    assert rep["mesh"] == {"data": 8, "fsdp": 8, "tensor": 1}
+    assert rep["memory_per_device_bytes"]["arguments"] > 0
+    assert rep["flops_per_device"] > 0
+    # FSDP: kernels are sharded over fsdp, so the step must all-gather them and reduce gradients
+    specs = {path: spec for path, _, spec in rep["param_shardings"]}
+    assert specs["['hidden_0']['kernel']"] == "(None, 'fsdp')"
+    assert rep["collectives"]["all-gather"] > 0 and rep["collectives"]["all-reduce"] > 0
+
+
+def test_cli_dry_run_prints_table(capfd):
+    code = main(["train", CFG, "--overlay", str(ROOT / "tpu_configs/v5e-8.yaml"),
+                 "--set", "out_dir=/tmp/jaxlab-dry-run", "--dry-run"])
+    assert code == 0
+    out = capfd.readouterr().out
+    assert "on 8 devices" in out and "memory per device" in out and "collectives" in out
