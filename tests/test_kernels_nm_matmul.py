@@ -217,3 +217,26 @@ def test_kernel_compiles_and_matches_on_gpu():
 @pytest.mark.tpu
 def test_kernel_compiles_and_matches_on_tpu():
     _device_check("tpu")
+
+
+def test_benchmark_quick_mode_runs_and_writes_json(tmp_path):
+    """benchmarks/nm_matmul.py --quick works end to end on CPU (kernel verified before timing)."""
+    import importlib.util
+    import json
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "nm_matmul.py"
+    spec = importlib.util.spec_from_file_location("bench_nm_matmul", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "nm.json"
+    bench.main(["--quick", "--batches", "1", "--ratios", "2:4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["ratio"] == "2:4" and row["batch"] == 1
+    assert row["kernel_rel_err"] < 1e-2  # bf16 output rounding only
+    assert abs(row["bw_ceiling"] - (256 * 256 * 2 + 1024) / (128 * 256 * 2 + 32 * 256 + 1024)) < 1e-9
+    for name in ("dense", "masked", "xla_nm", "kernel", "auto"):
+        assert row[f"{name}_us"] > 0
