@@ -33,8 +33,13 @@ no Pallas backend reaches sparse tensor cores, so the gain is bandwidth only.
 Paths:
 
 * ``"pallas"`` -- one generic ``pl.pallas_call`` with an explicit grid and ``BlockSpec`` s,
-  compiled by Mosaic on TPU (MXU ``dot`` per ``(s, p)`` block), by Mosaic GPU on GPU (a GEMV body of
-  FMAs and a column reduction, batch <= 16), and run with ``interpret=True`` on CPU for tests.
+  compiled by Mosaic on TPU (MXU ``dot`` per ``(s, p)`` block), and run with ``interpret=True`` on
+  CPU for tests. A GPU variant (Mosaic GPU compiler params, 3-D blocks so every TMA box is <= 256
+  per dimension, a GEMV body of FMAs and a column reduction for batch <= 16) exists and is tested in
+  interpret mode, but its Mosaic GPU lowering does **not** succeed yet (checked by cross-lowering
+  with ``jax.export(..., platforms=["cuda"])`` on CPU: "Incompatible FragmentedArray layouts"), so
+  auto never picks it. TPU lowering to Mosaic MLIR succeeds for 2:4, 1:4, 1:8, 2:8, 4:16 (same
+  check with ``platforms=["tpu"]``); it has not run on TPU hardware.
   Two grid shapes: a tiled GEMM grid ``(batch, n, k)`` and a GEMV grid ``(n, k)`` holding the whole
   (<= 16 row) batch in one block.
 * ``"xla"`` -- decompress with compares/selects in XLA and call ``jnp.dot``; what auto picks on CPU
@@ -160,9 +165,9 @@ class BlockSizes:
         backend = _canonical_backend(backend)
         gemv = batch <= _GEMV_MAX_BATCH
         if backend == "tpu":
-            return cls(16, 2048, 512) if gemv else cls(256, 1024, 512)
+            return cls(16, 2048, 512) if gemv else cls(256, 2048, 512)
         if backend == "gpu":
-            return cls(16, 512, 256) if gemv else cls(64, 256, 128)
+            return cls(16, 256, 256) if gemv else cls(64, 256, 128)
         return cls(8, 128, 128) if gemv else cls(32, 128, 128)
 
 
@@ -326,13 +331,17 @@ class _Plan:
     k_tiles: int
     b_pad: int
     gemv: bool
+    layout3d: bool  # GPU: x as (B, T*q*M, R), values as (E/q, q, N_out) -- TMA boxes <= 256 per dim
+    ragged: bool  # K % block_k != 0: the last K tile reads past the arrays and is masked
 
 
 def _round_up(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
-def _make_plan(batch: int, n: int, m: int, k: int, n_out: int, bs: BlockSizes, gemv: bool) -> _Plan:
+def _make_plan(
+    batch: int, n: int, m: int, k: int, n_out: int, bs: BlockSizes, gemv: bool, layout3d: bool = False
+) -> _Plan:
     bits = _BITS[m]
     q = 8 // bits
     unit = m * q  # smallest K tile that starts every tile on a whole byte of packed indices
@@ -342,6 +351,9 @@ def _make_plan(batch: int, n: int, m: int, k: int, n_out: int, bs: BlockSizes, g
             f"{n}:{m} ({bits}-bit indices)"
         )
     bk = min(bs.block_k, _round_up(k, unit))
+    if k % bk:  # prefer a tile that divides K (no ragged tile, no masking) if one is at least half as long
+        divisors = [d for d in range(bk - unit, bk // 2 - 1, -unit) if d > 0 and k % d == 0]
+        bk = divisors[0] if divisors else bk
     bn = min(bs.block_n, _round_up(n_out, 128))
     if gemv:
         bb = _round_up(batch, 8)
@@ -350,7 +362,8 @@ def _make_plan(batch: int, n: int, m: int, k: int, n_out: int, bs: BlockSizes, g
     rows = bk // m * n // q
     return _Plan(
         n=n, m=m, bits=bits, q=q, k=k, n_out=n_out, n_entries=k // m * n, bb=bb, bk=bk, bn=bn,
-        rows=rows, k_tiles=-(-k // bk), b_pad=_round_up(batch, bb), gemv=gemv,
+        rows=rows, k_tiles=-(-k // bk), b_pad=_round_up(batch, bb), gemv=gemv, layout3d=layout3d,
+        ragged=bool(k % bk) and not layout3d,  # layout3d pads the weight to whole tiles instead
     )
 
 
@@ -383,19 +396,24 @@ def _nm_kernel(x_ref, v_ref, p_ref, o_ref, *, plan: _Plan, use_dot: bool, comput
     rows, q, m, bits = plan.rows, plan.q, plan.m, plan.bits
     bn = v_ref.shape[-1]
     packed = p_ref[...].astype(jnp.int32)  # (R, bn)
-    row = lax.broadcasted_iota(jnp.int32, (rows, bn), 0)
-    first_entry = kt * (rows * q)
+    if plan.ragged:
+        row = lax.broadcasted_iota(jnp.int32, (rows, bn), 0)
+        first_entry = kt * (rows * q)
     acc = o_ref[...]
     zero = jnp.zeros((), compute_dtype)
     for s in range(q):
         # Entry e = r*q + s of this tile: its value row (strided load) and its index bit plane.
-        v_s = v_ref[pl.ds(s, rows, stride=q), :].astype(compute_dtype)
+        v_s = v_ref[:, s, :] if plan.layout3d else v_ref[pl.ds(s, rows, stride=q), :]
+        v_s = v_s.astype(compute_dtype)
         i_s = (packed >> (bits * s)) & ((1 << bits) - 1)
-        # Entries past E (ragged last K tile) read out-of-bounds memory: zero them.
-        v_s = jnp.where(first_entry + row * q + s < plan.n_entries, v_s, zero)
+        if plan.ragged:  # entries past E (ragged last K tile) read out-of-bounds memory: zero them
+            v_s = jnp.where(first_entry + row * q + s < plan.n_entries, v_s, zero)
         for p in range(m):
             d = jnp.where(i_s == p, v_s, zero)  # dense rows {g(e)*M + p} of this tile, (R, bn)
-            xs = x_ref[:, pl.ds((s * m + p) * rows, rows)]  # (bb, R)
+            if plan.layout3d:
+                xs = x_ref[:, s * m + p, :]  # (bb, R)
+            else:
+                xs = x_ref[:, pl.ds((s * m + p) * rows, rows)]  # (bb, R)
             if use_dot:
                 acc += jnp.dot(xs, d, preferred_element_type=jnp.float32)
             else:  # GEMV body: FMAs + a column reduction (no tensor-core tile shape needed).
@@ -426,7 +444,7 @@ def _pallas_nm_matmul(
     batch, n_out = x2.shape[0], values.shape[-1]
     gemv = batch <= _GEMV_MAX_BATCH
     bs = block_sizes if block_sizes is not None else BlockSizes.get_default(backend, batch=batch)
-    plan = _make_plan(batch, n, m, k, n_out, bs, gemv)
+    plan = _make_plan(batch, n, m, k, n_out, bs, gemv, layout3d=backend == "gpu")
     out_dtype = jnp.result_type(x2.dtype, values.dtype)
     if use_dot is None:
         use_dot = not (backend == "gpu" and gemv)
@@ -438,22 +456,37 @@ def _pallas_nm_matmul(
     if plan.b_pad != batch:
         x_exp = jnp.pad(x_exp, ((0, plan.b_pad - batch), (0, 0)))
 
-    xk = plan.n * plan.bk  # expanded columns per K tile = q * M * R
-    vk = plan.rows * plan.q
     n_tiles = -(-n_out // plan.bn)
+    qm = plan.q * plan.m
+    if plan.layout3d:
+        # Whole tiles (zero-padded weight if K is ragged), then free reshapes into the 3-D views.
+        e_pad, r_pad = plan.k_tiles * plan.rows * plan.q, plan.k_tiles * plan.rows
+        if values.shape[0] != e_pad:
+            values = jnp.pad(values, ((0, e_pad - values.shape[0]), (0, 0)))
+        if indices.shape[0] != r_pad:
+            indices = jnp.pad(indices, ((0, r_pad - indices.shape[0]), (0, 0)))
+        x_exp = x_exp.reshape(plan.b_pad, plan.k_tiles * qm, plan.rows)
+        values = values.reshape(r_pad, plan.q, n_out)
+        x_block, v_block = (plan.bb, qm, plan.rows), (plan.rows, plan.q, plan.bn)
+        x_map = lambda i, t: (i, t, 0)
+        v_map = lambda t, j: (t, 0, j)
+    else:
+        x_block, v_block = (plan.bb, plan.n * plan.bk), (plan.rows * plan.q, plan.bn)
+        x_map = lambda i, t: (i, t)
+        v_map = lambda t, j: (t, j)
     if gemv:
         grid = (n_tiles, plan.k_tiles)
         in_specs = [
-            pl.BlockSpec((plan.bb, xk), lambda j, t: (0, t)),
-            pl.BlockSpec((vk, plan.bn), lambda j, t: (t, j)),
+            pl.BlockSpec(x_block, lambda j, t: x_map(0, t)),
+            pl.BlockSpec(v_block, lambda j, t: v_map(t, j)),
             pl.BlockSpec((plan.rows, plan.bn), lambda j, t: (t, j)),
         ]
         out_spec = pl.BlockSpec((plan.bb, plan.bn), lambda j, t: (0, j))
     else:
         grid = (plan.b_pad // plan.bb, n_tiles, plan.k_tiles)
         in_specs = [
-            pl.BlockSpec((plan.bb, xk), lambda i, j, t: (i, t)),
-            pl.BlockSpec((vk, plan.bn), lambda i, j, t: (t, j)),
+            pl.BlockSpec(x_block, lambda i, j, t: x_map(i, t)),
+            pl.BlockSpec(v_block, lambda i, j, t: v_map(t, j)),
             pl.BlockSpec((plan.rows, plan.bn), lambda i, j, t: (t, j)),
         ]
         out_spec = pl.BlockSpec((plan.bb, plan.bn), lambda i, j, t: (i, j))
@@ -505,8 +538,13 @@ def _pallas_jvp(static, primals, tangents):
 # --------------------------------------------------------------------------------------------------
 
 
+#: Backends on which auto may pick the kernel. GPU is left out: the Mosaic GPU lowering of this kernel
+#: does not succeed yet (``jax.export`` for ``"cuda"`` reports incompatible FragmentedArray layouts).
+_AUTO_KERNEL_BACKENDS = ("tpu",)
+
+
 def _auto_implementation(batch: int, n: int, m: int, k: int, n_out: int, backend: str) -> str:
-    if backend not in ("gpu", "tpu"):
+    if backend not in _AUTO_KERNEL_BACKENDS:
         return "xla"
     memory_bound = batch <= AUTO_MAX_BATCH
     compresses = n * 2 <= m  # at least 2x fewer values than dense (2:4, 1:4, 1:8, 2:8, 4:16, ...)
@@ -537,8 +575,8 @@ def nm_matmul(
       c: ``jaxlab.nm.NMCompressed`` of logical shape ``(K, N_out)`` with groups along axis 0
         (``jaxlab.nm.compress(w, n, m, axis=0)``), any N:M with ``M in (2, 4, 8, 16)``.
       implementation: ``None`` (auto: the kernel for memory-bound shapes -- flattened batch
-        <= :data:`AUTO_MAX_BATCH`, ``N/M <= 1/2``, ``K*N_out >= 2**20`` -- on GPU/TPU, XLA otherwise
-        and always on CPU), ``"xla"`` or ``"pallas"``.
+        <= :data:`AUTO_MAX_BATCH`, ``N/M <= 1/2``, ``K*N_out >= 2**20`` -- on TPU, XLA otherwise,
+        always on CPU and, until the Mosaic GPU lowering works, on GPU), ``"xla"`` or ``"pallas"``.
       block_sizes: static :class:`BlockSizes`; default :meth:`BlockSizes.get_default`.
       interpret: run the Pallas kernel in interpret mode (``None``: only on CPU, where it is the only
         way to run it; use for tests).
