@@ -111,7 +111,7 @@ def fit(
                 m["steps_per_s"] = (done - s0) / max(now - t0, 1e-9)
                 t0, s0 = now, done
                 last = m
-                bar.set_postfix(loss=f"{m['loss']:.4g}", it_s=f"{m['steps_per_s']:.1f}")
+                bar.set_postfix(loss=f"{m['loss']:.4g}", it_s=f"{m['steps_per_s']:.1f}", refresh=False)
                 if writer is not None:
                     writer.write(done, "train", m)
             if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
