@@ -1,8 +1,12 @@
 """Flax Linen modules: velocity MLP, time embeddings (transformer, DiT, LoRA come with the method issues)."""
 
+from jaxlab.nn import lora
 from jaxlab.nn.embeddings import TimeEmbedding, sinusoidal_embedding
+from jaxlab.nn.lora import LoRADense
 from jaxlab.nn.mlp import VelocityMLP
 from jaxlab.nn.nm_dense import NMDense
 
 __all__ = ["TimeEmbedding", "VelocityMLP", "sinusoidal_embedding"]
 __all__ += ["NMDense"]
+
+__all__ += ["LoRADense", "lora"]

@@ -1,0 +1,260 @@
+"""Low-rank adaptation (LoRA) for Flax params: a Linen module and functional inject/merge on any tree.
+
+A LoRA-adapted Dense kernel ``K (d_in, d_out)`` computes
+
+.. math:: y = x (K + s\\, A B) + b,\\qquad A \\in \\mathbb{R}^{d_in \\times r},\\ B \\in \\mathbb{R}^{r \\times d_out},\\ B_0 = 0,
+
+with ``s = alpha / r`` (LoRA) or ``s = alpha / sqrt(r)`` (rsLoRA); ``alpha`` defaults to ``r`` (``s = 1``).
+``A`` starts as ``U(-1/sqrt(d_in), 1/sqrt(d_in))`` (the Kaiming-uniform init of the reference code).
+
+Two ways to use it:
+
+* :class:`LoRADense` inside a model you build;
+* :func:`inject` into an existing param tree by path patterns, then run the *unchanged* base model on
+  ``merge(params)`` inside the loss (gradients reach ``lora_a``/``lora_b`` through the merge). Freeze
+  the base with :func:`freeze_base` (a ``multi_transform`` that zeroes non-LoRA updates).
+
+References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022 (eq. 3);
+Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA), 2023.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+from flax.core import unfreeze
+
+__all__ = [
+    "LoRADense",
+    "freeze_base",
+    "inject",
+    "lora_modules",
+    "lora_scale",
+    "merge",
+    "trainable_mask",
+]
+
+_BASE_LEAVES = ("kernel", "embedding")
+
+
+def lora_scale(rank: int, alpha: float | None = None, rslora: bool = False) -> float:
+    """The LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; ``alpha=None`` means ``alpha = r``."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1; got {rank}")
+    a = float(rank if alpha is None else alpha)
+    return a / math.sqrt(rank) if rslora else a / rank
+
+
+def _lora_a_init(key, shape, dtype=jnp.float32):
+    fan_in = shape[-2]
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class LoRADense(nn.Module):
+    """A Dense layer with a frozen kernel plus a trainable low-rank update ``s * lora_a @ lora_b``.
+
+    .. math:: y = x\\,\\mathrm{sg}(K) + s\\,(x A) B + b
+
+    Params: ``kernel (d_in, features)``, ``bias (features,)``, ``lora_a (d_in, rank)``,
+    ``lora_b (rank, features)`` (zeros, so the layer equals its base at init). ``sg`` is
+    ``stop_gradient`` when ``freeze_kernel`` (the optimizer must still skip the kernel for weight decay:
+    use :func:`freeze_base`).
+
+    Attributes:
+      features: output width.
+      rank: LoRA rank ``r``.
+      alpha: LoRA alpha (``None``: ``alpha = rank``).
+      rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+      use_bias: add a bias.
+      freeze_kernel: stop gradients into ``kernel`` and ``bias``.
+
+    Example:
+      >>> layer = LoRADense(8, rank=2)
+      >>> params = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
+      >>> sorted(params)
+      ['bias', 'kernel', 'lora_a', 'lora_b']
+    """
+
+    features: int
+    rank: int
+    alpha: float | None = None
+    rslora: bool = False
+    use_bias: bool = True
+    freeze_kernel: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d_in = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (d_in, self.features), self.param_dtype)
+        a = self.param("lora_a", _lora_a_init, (d_in, self.rank), self.param_dtype)
+        b = self.param("lora_b", nn.initializers.zeros_init(), (self.rank, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        if self.freeze_kernel:
+            kernel = jax.lax.stop_gradient(kernel)
+            bias = None if bias is None else jax.lax.stop_gradient(bias)
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        x, kernel, a, b = (t.astype(dtype) for t in (x, kernel, a, b))
+        s = lora_scale(self.rank, self.alpha, self.rslora)
+        y = x @ kernel + s * ((x @ a) @ b)
+        if bias is not None:
+            y = y + bias.astype(dtype)
+        return y
+
+
+def _flat(params):
+    return traverse_util.flatten_dict(unfreeze(params), keep_empty_nodes=True)
+
+
+def _module_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def lora_modules(params) -> list[str]:
+    """Module paths (``"a/b/c"``) that carry ``lora_a``/``lora_b``."""
+    return sorted({_module_str(k[:-1]) for k in _flat(params) if k[-1] == "lora_a"})
+
+
+def inject(
+    params,
+    targets: str | Sequence[str],
+    rank: int,
+    *,
+    key: jax.Array,
+    dtype=None,
+):
+    """Add LoRA factors to every module of ``params`` whose path matches a target pattern.
+
+    For each matching module holding ``kernel (..., d_in, d_out)`` (or ``embedding (vocab, d)``) adds
+    ``lora_a (..., d_in, r) ~ U(-1/sqrt(d_in), 1/sqrt(d_in))`` and ``lora_b (..., r, d_out) = 0``, so
+    ``merge(inject(p)) == p`` exactly. Leading axes (stacked layers) get independent factors.
+
+    Args:
+      params: a (nested dict) param tree, e.g. ``model.init(...)["params"]``.
+      targets: regex or list of regexes, ``re.search``-ed against module paths like ``"block_0/attn/q"``.
+      rank: LoRA rank ``r >= 1`` (at most ``min(d_in, d_out)``).
+      key: PRNG key for ``A``.
+      dtype: dtype of the factors (default: the kernel's).
+
+    Returns:
+      A new nested dict with the LoRA leaves added (the base leaves are shared, not copied).
+
+    Raises:
+      ValueError: no module matched, bad rank, or a matching module whose kernel is not at least 2-D.
+
+    Example:
+      >>> p = inject(params, [r"attn/(q|v)$"], rank=4, key=jax.random.PRNGKey(0))
+      >>> loss = lambda p: loss_fn(model.apply({"params": merge(p)}, x))
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    pats = [re.compile(t) for t in targets]
+    flat = _flat(params)
+    mods = {}
+    for k, v in flat.items():
+        if k[-1] in _BASE_LEAVES:
+            mods[k[:-1]] = (k[-1], v)
+    chosen = [m for m in sorted(mods, key=_module_str) if any(p.search(_module_str(m)) for p in pats)]
+    if not chosen:
+        raise ValueError(
+            f"lora.inject: no module matched targets {list(targets)}; modules with a kernel: "
+            f"{[_module_str(m) for m in sorted(mods, key=_module_str)]}"
+        )
+    out = dict(flat)
+    keys = jax.random.split(key, len(chosen))
+    for m, kk in zip(chosen, keys):
+        leaf, w = mods[m]
+        if w.ndim < 2:
+            raise ValueError(
+                f"lora.inject: leaf {_module_str(m + (leaf,))} has shape {tuple(w.shape)}; expected at least 2 "
+                f"axes (..., d_in, d_out)"
+            )
+        d_in, d_out = w.shape[-2], w.shape[-1]
+        if not 1 <= rank <= min(d_in, d_out):
+            raise ValueError(
+                f"lora.inject: rank={rank} for {_module_str(m + (leaf,))} of shape {tuple(w.shape)}; expected "
+                f"1 <= rank <= min(d_in, d_out) = {min(d_in, d_out)}"
+            )
+        if m + ("lora_a",) in flat:
+            raise ValueError(f"lora.inject: module {_module_str(m)} already has LoRA factors")
+        dt = dtype or w.dtype
+        out[m + ("lora_a",)] = _lora_a_init(kk, w.shape[:-2] + (d_in, rank), dt)
+        out[m + ("lora_b",)] = jnp.zeros(w.shape[:-2] + (rank, d_out), dt)
+    return traverse_util.unflatten_dict(out)
+
+
+def merge(params, *, alpha: float | None = None, rslora: bool = False):
+    """Fold every LoRA pair back: ``kernel <- kernel + s * lora_a @ lora_b``; drop the LoRA leaves.
+
+    Differentiable (use it inside the loss to train the factors through the unchanged base model).
+
+    Args:
+      params: tree with LoRA factors (from :func:`inject` or :class:`LoRADense`).
+      alpha, rslora: the scale ``s`` (:func:`lora_scale` of each module's rank); must match training.
+
+    Returns:
+      A tree with the structure of the base model's params.
+
+    Raises:
+      ValueError: a module has ``lora_a`` without ``lora_b`` (or vice versa) or shapes that do not fit.
+    """
+    flat = _flat(params)
+    out = {k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")}
+    for k in flat:
+        if k[-1] != "lora_a":
+            continue
+        m = k[:-1]
+        if m + ("lora_b",) not in flat:
+            raise ValueError(f"lora.merge: module {_module_str(m)} has lora_a but no lora_b")
+        a, b = flat[k], flat[m + ("lora_b",)]
+        base = next((m + (n,) for n in _BASE_LEAVES if m + (n,) in flat), None)
+        if base is None:
+            raise ValueError(f"lora.merge: module {_module_str(m)} has LoRA factors but no kernel/embedding")
+        w = flat[base]
+        if a.shape[-1] != b.shape[-2] or w.shape != a.shape[:-1] + b.shape[-1:]:
+            raise ValueError(
+                f"lora.merge: {_module_str(base)} {tuple(w.shape)}, lora_a {tuple(a.shape)}, lora_b "
+                f"{tuple(b.shape)} do not fit; expected kernel (..., d_in, d_out) = lora_a (..., d_in, r) @ "
+                f"lora_b (..., r, d_out)"
+            )
+        s = lora_scale(a.shape[-1], alpha, rslora)
+        out[base] = w + (s * jnp.matmul(a, b)).astype(w.dtype)
+    for k in flat:
+        if k[-1] == "lora_b" and k[:-1] + ("lora_a",) not in flat:
+            raise ValueError(f"lora.merge: module {_module_str(k[:-1])} has lora_b but no lora_a")
+    return traverse_util.unflatten_dict(out)
+
+
+def trainable_mask(params):
+    """A pytree of bools like ``params``: ``True`` exactly on ``lora_a``/``lora_b`` leaves."""
+
+    def f(path, _):
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", None))
+        return name in ("lora_a", "lora_b")
+
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+def freeze_base(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
+    """Train only the LoRA factors with ``tx``; every other leaf gets a zero update (no weight decay).
+
+    Returns:
+      ``optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)``.
+
+    Example:
+      >>> tx = optax.chain(freeze_base(optax.adamw(1e-3, weight_decay=0.01), params), jaxlab.grasp(U, sides))
+    """
+    labels = jax.tree.map(lambda t: "lora" if t else "frozen", trainable_mask(params))
+    return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)

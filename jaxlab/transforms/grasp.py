@@ -1,0 +1,330 @@
+"""GRASP: project optimizer updates off a spurious residual-stream subspace.
+
+With an orthonormal basis ``U (d_model, k)`` of the spurious subspace and ``P = I - beta U U^T`` (never
+materialised: ``X - beta U (U^T X)``), every update that touches the residual stream is projected on its
+residual axis (Flax layout, kernels ``(d_in, d_out)``):
+
+.. math::
+    \\text{writer: } \\Delta K \\leftarrow \\Delta K - \\beta (\\Delta K U) U^T \\quad(\\text{output axis } {-1}),
+    \\qquad
+    \\text{reader: } \\Delta K \\leftarrow \\Delta K - \\beta U (U^T \\Delta K) \\quad(\\text{input axis } {-2}).
+
+For LoRA (``dW = s A B``) the writer's ``lora_b (r, d_model)`` is projected on its output axis and the
+reader's ``lora_a (d_model, r)`` on its input axis; :func:`grasp_init_params` projects the random initial
+``A`` once so the reader constraint ``U^T dW = 0`` holds from step 0. Applied to the *final* updates
+(``optax.chain(optax.adamw(...), grasp(...))``), the invariants ``dW_writer U = 0`` and ``U^T dW_reader = 0``
+hold after any number of AdamW steps (decoupled weight decay included): the model acquires no new
+reliance on the subspace while the pretrained ``W0 U`` / ``U^T W0`` stay untouched.
+
+Stacked (scanned) layers carry a leading layer axis; a per-layer basis ``U_layers (L, d, k)`` is applied
+to them with ``jax.vmap``.
+
+Reference: Gilligan-Lee, Egan, Zhu, O'Riordan, "Unsupervised Identification and Removal of Spurious
+Correlations During Fine-Tuning", arXiv 2605.27676; ``specs/grasp.md`` sec. 3; gradient projection in
+continual learning (GPM, Saha et al. 2021; OGD, Farajtabar et al. 2020).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlab.transforms.grasp_identify import SpuriousSubspace
+from jaxlab.transforms.residual_sides import LORA_LEAVES, LeafSide, as_residual_sides
+
+__all__ = [
+    "GraspState",
+    "grasp",
+    "grasp_init_params",
+    "project_finetune",
+    "project_lora",
+    "project_residual",
+    "subspace_leakage",
+]
+
+
+class GraspState(NamedTuple):
+    """State of :func:`grasp`: only the step counter."""
+
+    count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Basis:
+    U: jax.Array | None  # (d, k) global, or None
+    U_layers: jax.Array | None  # (L, d, k), or None
+    layer_ids: tuple[int, ...] | None
+    d_model: int
+    k: int
+
+
+def _orthonormal(u, what: str) -> np.ndarray:
+    u = np.asarray(u, np.float64)
+    if u.ndim != 2:
+        raise ValueError(f"GRASP: {what} has shape {u.shape}; expected (d_model, k)")
+    if u.shape[1] == 0:
+        return u
+    if u.shape[1] > u.shape[0]:
+        raise ValueError(f"GRASP: {what} has shape {u.shape}; k={u.shape[1]} exceeds d_model={u.shape[0]}")
+    if not np.all(np.isfinite(u)):
+        raise ValueError(f"GRASP: {what} contains NaN/Inf")
+    q, r = np.linalg.qr(u)
+    if np.min(np.abs(np.diag(r))) < 1e-8 * max(np.max(np.abs(np.diag(r))), 1e-300):
+        raise ValueError(f"GRASP: {what} {u.shape} is rank deficient; give linearly independent directions")
+    return q
+
+
+def _as_basis(subspace) -> _Basis:
+    """Normalise ``subspace``: a SpuriousSubspace, an array ``(d, k)`` / ``(L, d, k)``, or ``{layer: (d, k)}``."""
+    if isinstance(subspace, SpuriousSubspace):
+        g = _orthonormal(subspace.U, "subspace.U")
+        ul = None
+        if subspace.U_layers is not None:
+            ul = np.stack([_orthonormal(x, f"subspace.U_layers[{i}]") for i, x in enumerate(np.asarray(subspace.U_layers))])
+        return _Basis(jnp.asarray(g, jnp.float32), None if ul is None else jnp.asarray(ul, jnp.float32),
+                      subspace.layer_ids, g.shape[0], g.shape[1])
+    if isinstance(subspace, Mapping):
+        ids = tuple(sorted(int(i) for i in subspace))
+        if not ids:
+            raise ValueError("GRASP: empty per-layer subspace mapping")
+        mats = [_orthonormal(subspace[i], f"subspace[{i}]") for i in ids]
+        shapes = {m.shape for m in mats}
+        if len(shapes) != 1:
+            raise ValueError(f"GRASP: per-layer bases must share one shape (d_model, k); got {sorted(shapes)}")
+        d, k = mats[0].shape
+        return _Basis(None, jnp.asarray(np.stack(mats), jnp.float32), ids, d, k)
+    if not hasattr(subspace, "shape"):
+        raise TypeError(
+            f"GRASP: subspace must be a SpuriousSubspace, an array (d_model, k) or (L, d_model, k), or a "
+            f"mapping layer -> (d_model, k); got {type(subspace).__name__}"
+        )
+    arr = np.asarray(subspace)
+    if arr.ndim == 2:
+        g = _orthonormal(arr, "subspace")
+        return _Basis(jnp.asarray(g, jnp.float32), None, None, g.shape[0], g.shape[1])
+    if arr.ndim == 3:
+        mats = np.stack([_orthonormal(x, f"subspace[{i}]") for i, x in enumerate(arr)])
+        return _Basis(None, jnp.asarray(mats, jnp.float32), tuple(range(arr.shape[0])), arr.shape[1], arr.shape[2])
+    raise ValueError(f"GRASP: subspace array has shape {arr.shape}; expected (d_model, k) or (L, d_model, k)")
+
+
+def project_residual(x: jax.Array, U: jax.Array, axis: int, beta: float = 1.0) -> jax.Array:
+    """``x - beta * (component of x along span(U) on axis)``, without forming ``I - U U^T``.
+
+    .. math:: \\text{axis}=-2:\\ X - \\beta U (U^T X); \\qquad \\text{axis}=-1:\\ X - \\beta (X U) U^T.
+
+    Args:
+      x: array whose ``axis`` has length ``d_model`` (leading axes broadcast).
+      U: ``(d_model, k)`` orthonormal basis.
+      axis: ``-2`` (reader input axis) or ``-1`` (writer output axis; also for 1-D biases).
+      beta: projection strength in ``[0, 1]``.
+
+    Returns:
+      The projected array, same shape and dtype as ``x``.
+
+    Example:
+      >>> project_residual(jnp.ones((2, 3)), jnp.eye(3)[:, :1], axis=-1)
+      Array([[0., 1., 1.],
+             [0., 1., 1.]], dtype=float32)
+    """
+    if U.shape[-1] == 0:
+        return x
+    ct = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(ct)
+    u = U.astype(ct)
+    if axis == -1:
+        out = xf - beta * jnp.matmul(jnp.matmul(xf, u), u.T)
+    elif axis == -2:
+        out = xf - beta * jnp.einsum("dk,...ke->...de", u, jnp.einsum("dk,...de->...ke", u, xf))
+    else:
+        raise ValueError(f"project_residual: axis={axis}; expected -1 or -2")
+    return out.astype(x.dtype)
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, (int, float)) and not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"GRASP: beta={beta} must lie in [0, 1]")
+    return beta
+
+
+def _project_leaf(basis: _Basis, ls: LeafSide, x, beta):
+    shape = tuple(x.shape)
+    width = shape[ls.axis] if len(shape) >= -ls.axis else None
+    if width != basis.d_model:
+        raise ValueError(
+            f"GRASP: {ls.side} leaf {ls.path} has shape {shape}; its residual axis {ls.axis} has length "
+            f"{width} but the subspace has d_model={basis.d_model} (Flax layout: a {ls.side} "
+            f"{'kernel (d_model, d_out) / lora_a (d_model, r)' if ls.side == 'reader' else 'kernel (d_in, d_model) / lora_b (r, d_model)'};"
+            f" is the side declared correctly?)"
+        )
+    if basis.k == 0:
+        return x
+    if basis.U_layers is not None:
+        if ls.stacked:
+            if shape[0] != basis.U_layers.shape[0] or x.ndim != {"bias": 1}.get(ls.name, 2) + 1:
+                raise ValueError(
+                    f"GRASP: stacked leaf {ls.path} has shape {shape}; expected one leading layer axis of "
+                    f"length {basis.U_layers.shape[0]} (the number of per-layer bases)"
+                )
+            return jax.vmap(lambda xi, ui: project_residual(xi, ui, ls.axis, beta))(x, basis.U_layers)
+        if ls.layer is not None and basis.layer_ids is not None and ls.layer in basis.layer_ids:
+            return project_residual(x, basis.U_layers[basis.layer_ids.index(ls.layer)], ls.axis, beta)
+        if basis.U is None:
+            raise ValueError(
+                f"GRASP: leaf {ls.path} (layer {ls.layer}) has no per-layer basis (layers {basis.layer_ids}) "
+                f"and no global basis was given"
+            )
+    return project_residual(x, basis.U, ls.axis, beta)
+
+
+def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool, who: str):
+    rules = as_residual_sides(sides)
+    hits = []
+
+    def f(path, x):
+        if x is None:
+            return x
+        ls = rules.leaf_side(path, x)
+        if ls is None or (only is not None and ls.name not in only):
+            return x
+        hits.append(ls.path)
+        return _project_leaf(basis, ls, x, beta)
+
+    out = jax.tree_util.tree_map_with_path(f, tree)
+    if strict and not hits:
+        raise ValueError(
+            f"{who}: no leaf matched a residual side (rules {[p for p, _ in rules.rules]}); declare the "
+            f"sides of your modules, e.g. sides={{r'my_block/out$': 'writer'}}"
+        )
+    return out
+
+
+def grasp(subspace, sides=None, *, beta: float = 1.0, strict: bool = True) -> optax.GradientTransformationExtraArgs:
+    """GRASP as an Optax transform: project updates off ``span(U)`` on each leaf's residual axis.
+
+    .. math::
+        \\text{writer: } u \\leftarrow u - \\beta (u U) U^T, \\qquad
+        \\text{reader: } u \\leftarrow u - \\beta U (U^T u),
+
+    with ``U`` orthonormalised by QR once at construction. Leaves that do not touch the residual stream
+    (a reader's ``lora_b``, biases of readers, norms) pass through unchanged.
+
+    Args:
+      subspace: a :class:`SpuriousSubspace` (global ``U`` plus optional ``U_layers``), an array
+        ``(d_model, k)``, an array ``(L, d_model, k)`` of per-layer bases (block ``l`` uses entry ``l``;
+        stacked leaves are vmapped over their leading axis), or a mapping ``{layer: (d_model, k)}``.
+        ``k = 0`` gives the identity.
+      sides: residual-side rules (``None``: defaults for :mod:`jaxlab.nn.transformer`; a mapping
+        ``pattern -> side`` overrides them; or a :class:`~jaxlab.transforms.residual_sides.ResidualSides`).
+      beta: projection strength in ``[0, 1]`` (1: hard projection; idempotent only at 0 or 1).
+      strict: raise when no leaf matches a side (a likely misconfiguration).
+
+    Returns:
+      ``optax.GradientTransformationExtraArgs`` with state :class:`GraspState`.
+
+    Raises:
+      ValueError: a leaf's residual axis does not have length ``d_model`` (message names the leaf, its
+        shape and the expected width), bad ``beta``, bad basis shape.
+
+    Example:
+      >>> tx = optax.chain(optax.adamw(1e-3, weight_decay=0.1), grasp(result, {r"w_in$": "writer"}))
+      >>> params = grasp_init_params(params, result, {r"w_in$": "writer"})   # LoRA: project A0 once
+
+    Reference: arXiv 2605.27676 (GRASP); specs/grasp.md sec. 3.
+    """
+    basis = _as_basis(subspace)
+    beta = _check_beta(beta)
+    sides = as_residual_sides(sides)
+
+    def init_fn(params):
+        # Validate the sides against the param shapes early (trace-time only, no compute kept).
+        jax.eval_shape(lambda p: _map_projected(p, basis, sides, beta, strict=strict, who="grasp"), params)
+        return GraspState(count=jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        new = _map_projected(updates, basis, sides, beta, strict=strict, who="grasp")
+        return new, GraspState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def project_lora(params, subspace, sides=None, *, beta: float = 1.0):
+    """Project the LoRA factors of a param tree: reader ``lora_a <- P lora_a``, writer ``lora_b <- lora_b P``.
+
+    Then ``U^T dW = 0`` for readers and ``dW U = 0`` for writers (``dW = s A B``). Used as the post-hoc
+    baseline (project a trained naive adapter without retraining) and, at init, by
+    :func:`grasp_init_params`. Base kernels are never touched.
+
+    Args:
+      params: param tree with ``lora_a``/``lora_b`` leaves.
+      subspace, sides, beta: as in :func:`grasp`.
+
+    Returns:
+      The param tree with projected LoRA factors.
+    """
+    return _map_projected(params, _as_basis(subspace), sides, _check_beta(beta), only=LORA_LEAVES,
+                          strict=True, who="project_lora")
+
+
+def grasp_init_params(params, subspace, sides=None):
+    """Project the (random) initial LoRA ``A`` of every reader once, so ``U^T dW_reader = 0`` from step 0.
+
+    .. math:: A_0 \\leftarrow A_0 - U (U^T A_0)\\quad\\text{(readers; writers' } B_0 = 0 \\text{ already)}.
+
+    Args:
+      params: freshly injected LoRA params (see :func:`jaxlab.lora.inject`).
+      subspace, sides: as in :func:`grasp`.
+
+    Returns:
+      Params with projected LoRA factors (the forward pass is unchanged since ``B_0 = 0``).
+    """
+    return project_lora(params, subspace, sides, beta=1.0)
+
+
+def project_finetune(params, base_params, subspace, sides=None, *, beta: float = 1.0):
+    """Post-hoc projection of a full fine-tune: ``W <- W0 + P (W - W0)`` on every residual-side leaf.
+
+    Args:
+      params: fine-tuned params.
+      base_params: the pretrained params (same structure).
+      subspace, sides, beta: as in :func:`grasp`.
+
+    Returns:
+      Params whose change from ``base_params`` has no component along ``span(U)`` on the residual axis.
+    """
+    delta = jax.tree.map(lambda a, b: a - b, params, base_params)
+    pd = _map_projected(delta, _as_basis(subspace), sides, _check_beta(beta), strict=True, who="project_finetune")
+    return jax.tree.map(lambda b, d: b + d, base_params, pd)
+
+
+def subspace_leakage(delta, subspace, sides=None) -> dict[str, float]:
+    """Relative component of each residual-side update along ``span(U)``: ``||Pi_U(dW)||_F / ||dW||_F``.
+
+    ``Pi_U`` is ``(dW U) U^T`` for writers and ``U (U^T dW)`` for readers (the part GRASP removes). After
+    GRASP training this is at float rounding level.
+
+    Args:
+      delta: tree of parameter changes (e.g. ``merged - base``), Flax layout.
+      subspace, sides: as in :func:`grasp`.
+
+    Returns:
+      ``{keystr(path): ratio}`` for every residual-side leaf (``0.0`` for an all-zero change).
+    """
+    basis = _as_basis(subspace)
+    rules = as_residual_sides(sides)
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(delta)[0]:
+        ls = rules.leaf_side(path, x)
+        if ls is None:
+            continue
+        along = x - _project_leaf(basis, ls, x, 1.0)
+        n = float(jnp.linalg.norm(jnp.ravel(x)))
+        out[ls.path] = float(jnp.linalg.norm(jnp.ravel(along))) / n if n > 0 else 0.0
+    return out
