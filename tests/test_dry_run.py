@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from jaxlab.cli import main
 from jaxlab.training import load_config
 from jaxlab.training.dry_run import dry_run, mesh_device_count
@@ -36,3 +38,14 @@ def test_cli_dry_run_prints_table(capfd):
     assert code == 0
     out = capfd.readouterr().out
     assert "on 8 devices" in out and "memory per device" in out and "collectives" in out
+
+
+def test_data_parallel_traffic_is_one_gradient_allreduce(eight_devices):
+    from jaxlab.training.dry_run import dry_run_report
+
+    cfg = load_config(CFG, sets=["mesh.data=8", "out_dir=/tmp/jaxlab-dry-run"])
+    rep = dry_run_report(cfg)
+    grad_bytes = 4 * rep["params"]
+    # ring all-reduce of every f32 gradient: 2 (n - 1) / n bytes per gradient byte, nothing else big
+    assert rep["comm_bytes_per_device"]["all-reduce"] == pytest.approx(2 * 7 / 8 * grad_bytes, rel=0.01)
+    assert set(rep["comm_bytes_per_device"]) == {"all-reduce"}

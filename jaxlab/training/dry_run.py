@@ -26,7 +26,7 @@ from collections import Counter
 import jax
 import numpy as np
 
-__all__ = ["dry_run", "dry_run_report", "mesh_device_count"]
+__all__ = ["dry_run", "dry_run_report", "mesh_device_count", "collective_traffic"]
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -38,6 +38,57 @@ def mesh_device_count(mesh_cfg) -> int:
         dcn = [max(s, 1) for s in (mesh_cfg.dcn or [1, 1, 1])]
         return math.prod(ici) * math.prod(dcn)
     return math.prod(max(s, 1) for s in (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor))
+
+
+_DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2,
+                "u16": 2, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
+_LINE = re.compile(r"=\s*(?P<ty>\(.*?\)|\w+\[[^\]]*\])\S*\s+(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all"
+                   r"|collective-permute)(?:-start)?\((?P<rest>.*)$")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+def _array_bytes(ty: str) -> int:
+    total = 0
+    for dt, dims in _ARRAY.findall(ty):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += n * _DTYPE_BYTES.get(dt, 4)
+    return total
+
+
+def _group_size(rest: str, num_devices: int) -> int:
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\].*?\{([^}]*)\}", rest)
+    if m:
+        sizes = dict((k.strip("'"), int(v)) for k, v in (kv.split("=") for kv in m.group(1).split(",")))
+        axes = [a.strip().strip("'") for a in m.group(2).split(",") if a.strip()]
+        return math.prod(sizes[a] for a in axes) if axes else 1
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", rest)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", rest)
+    if m:
+        return len([x for x in m.group(1).split(",") if x])
+    return num_devices
+
+
+def collective_traffic(hlo: str, num_devices: int) -> dict:
+    """Per-device bytes sent over the interconnect by each collective kind (ring algorithms).
+
+    all-reduce of S bytes: ``2 (n-1)/n S``; all-gather to S: ``(n-1)/n S``; reduce-scatter to S:
+    ``(n-1) S``; all-to-all of S: ``(n-1)/n S``; collective-permute: ``S``; ``n`` = replica-group size.
+    """
+    out = Counter()
+    for line in hlo.splitlines():
+        m = _LINE.search(line)
+        if not m:
+            continue
+        op, size = m.group("op"), _array_bytes(m.group("ty"))
+        n = _group_size(m.group("rest"), num_devices)
+        if n <= 1:
+            continue
+        factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": n - 1,
+                  "all-to-all": (n - 1) / n, "collective-permute": 1.0}[op]
+        out[op] += factor * size
+    return dict(out)
 
 
 def _spec_str(sh) -> str:
@@ -118,6 +169,7 @@ def dry_run_report(cfg) -> dict:
         "flops_per_device": float(cost.get("flops", 0.0)),
         "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
         "collectives": dict(collectives),
+        "comm_bytes_per_device": collective_traffic(hlo, n),
         "param_shardings": param_rows,
         "opt_state_shardings": dict(opt_specs),
     }
@@ -131,7 +183,10 @@ def _print_report(rep: dict) -> None:
     print(f"  memory per device: arguments {mib(m['arguments'])}, outputs {mib(m['outputs'])}, "
           f"temporaries {mib(m['temporaries'])}, total {mib(m['arguments'] + m['outputs'] + m['temporaries'])}")
     print(f"  cost per device:   {rep['flops_per_device']:.3e} FLOPs, {rep['bytes_accessed_per_device']:.3e} bytes accessed")
-    print("  collectives:       " + ", ".join(f"{k} x{v}" for k, v in rep["collectives"].items() if v) or "none")
+    print("  collectives:       " + (", ".join(f"{k} x{v}" for k, v in rep["collectives"].items() if v) or "none"))
+    comm = rep["comm_bytes_per_device"]
+    print("  interconnect bytes per device: " + (", ".join(f"{k} {mib(v)}" for k, v in comm.items()) or "none")
+          + f" (total {mib(sum(comm.values()))})")
     print("  param shardings:")
     for path, shape, spec in rep["param_shardings"]:
         print(f"    {path:48s} {str(shape):18s} {spec}")
