@@ -31,7 +31,15 @@ from jax.sharding import Mesh, NamedSharding
 from jaxlab.distributed.sharding import batch_sharding, opt_state_shardings, param_shardings, replicated
 from jaxlab.training.state import TrainState
 
-__all__ = ["make_train_step", "state_shardings", "NonFiniteError", "raise_if_nonfinite", "leaf_paths"]
+__all__ = [
+    "make_train_step",
+    "make_pmap_train_step",
+    "make_shard_map_train_step",
+    "state_shardings",
+    "NonFiniteError",
+    "raise_if_nonfinite",
+    "leaf_paths",
+]
 
 
 class NonFiniteError(FloatingPointError):
@@ -173,3 +181,58 @@ def make_train_step(
         return cache[struct](state, batch)
 
     return sharded
+
+
+def _local_step(loss_fn, tx, axis_name, forward_params_fn=None, has_loss_state=False):
+    """A per-device step whose gradients (and loss-state updates) are averaged over ``axis_name``."""
+
+    def step(state: TrainState, batch):
+        key = state.step_key()
+
+        def objective(params):
+            fparams = params if forward_params_fn is None else forward_params_fn(params, state.opt_state)
+            if has_loss_state:
+                loss, (metrics, new_ls) = loss_fn(fparams, batch, key, state.loss_state)
+            else:
+                loss, metrics = loss_fn(fparams, batch, key)
+                new_ls = state.loss_state
+            return loss, (metrics, new_ls)
+
+        (loss, (metrics, new_ls)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        grads = jax.lax.pmean(grads, axis_name)
+        loss = jax.lax.pmean(loss, axis_name)
+        metrics = jax.lax.pmean(metrics, axis_name)
+        new_ls = jax.lax.pmean(new_ls, axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=new_ls)
+        out = dict(metrics)
+        out["loss"] = loss
+        out["grad_norm"] = optax.tree.norm(grads)
+        out["nonfinite"] = _first_nonfinite(loss, grads)
+        return new_state, out
+
+    return step
+
+
+def make_pmap_train_step(loss_fn, tx, *, axis_name: str = "batch", devices=None, **kwargs):
+    """``jax.pmap`` flavour of the step: replicated state, batch split on a leading device axis.
+
+    Gradients are ``pmean``-ed over ``axis_name`` before ``tx.update``, so with equal shard sizes
+    the update equals the single-device step on the whole batch. Give the state a leading device axis
+    (e.g. ``jax.tree.map(lambda x: jnp.stack([x] * n), state)``) and reshape batches to
+    ``(n_devices, per_device, ...)``.
+    (Per-example losses averaged within a shard; a loss whose statistics pool across the batch must
+    itself ``psum`` over ``axis_name`` to match the single-device step exactly.)
+    """
+    return jax.pmap(_local_step(loss_fn, tx, axis_name, **kwargs), axis_name=axis_name, devices=devices)
+
+
+def make_shard_map_train_step(loss_fn, tx, mesh: Mesh, *, axis_name: str = "data", **kwargs):
+    """``jax.shard_map`` flavour: state replicated (``P()``), batch split over ``axis_name``, grads ``pmean``-ed."""
+    from jax.sharding import PartitionSpec as P
+
+    local = _local_step(loss_fn, tx, axis_name, **kwargs)
+    return jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=(P(), P()), check_vma=False)
+    )

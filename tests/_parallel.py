@@ -1,0 +1,78 @@
+"""Shared harness: run the same train step single-device, under pmap, on an 8-device mesh (DP and
+FSDP) and under shard_map, and return the final states so tests can compare them."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxlab.distributed import make_mesh
+from jaxlab.distributed.sharding import batch_sharding
+from jaxlab.training import TrainState, make_train_step, state_shardings
+from jaxlab.training.step import make_pmap_train_step, make_shard_map_train_step
+
+MODES = ("single", "pmap", "mesh_dp", "mesh_fsdp", "shard_map")
+
+
+class TraceCounter:
+    """Wrap a loss_fn and count how often it is traced (== compilations of the step)."""
+
+    def __init__(self, fn):
+        self.fn, self.count = fn, 0
+
+    def __call__(self, *args):
+        self.count += 1
+        return self.fn(*args)
+
+
+def run_mode(mode, loss_fn, tx, params, batches, devices, *, forward_params_fn=None, has_loss_state=False,
+             loss_state=None, rng=0):
+    """Run ``len(batches)`` steps in ``mode``; returns ``(final_state, trace_count, step_fn_outputs)``."""
+    counter = TraceCounter(loss_fn)
+    kw = dict(forward_params_fn=forward_params_fn, has_loss_state=has_loss_state)
+    state = TrainState.create(params=params, tx=tx, rng=rng, loss_state=loss_state)
+    n = len(devices)
+    if mode == "single":
+        step = make_train_step(counter, tx, **kw)
+        with jax.default_device(devices[0]):
+            for b in batches:
+                state, _ = step(state, b)
+        return state, counter.count, None
+    if mode == "pmap":
+        step = make_pmap_train_step(counter, tx, devices=devices, **kw)
+        rep = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state)  # leading device axis
+        rep = jax.pmap(lambda s: s, axis_name="batch", devices=devices)(rep)  # on device, as the step's outputs will be
+        for b in batches:
+            rep, _ = step(rep, jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), b))
+        return jax.tree.map(lambda x: x[0], rep), counter.count, None
+    if mode == "shard_map":
+        mesh = make_mesh(data=n, devices=devices)
+        step = make_shard_map_train_step(counter, tx, mesh, **kw)
+        state = jax.device_put(state, NamedSharding(mesh, P()))  # replicated, as the outputs will be
+        for b in batches:
+            state, _ = step(state, b)
+        return state, counter.count, None
+    mesh = make_mesh(data=n, devices=devices) if mode == "mesh_dp" else make_mesh(data=1, fsdp=n, devices=devices)
+    abstract = jax.eval_shape(lambda: state)
+    sh = state_shardings(abstract, tx, mesh)
+    state = jax.device_put(state, sh)
+    step = make_train_step(counter, tx, mesh=mesh, state_sharding=sh, **kw)
+    shardings_ok = True
+    for b in batches:
+        b = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), b)
+        state, _ = step(state, b)
+        got = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.opt_state))
+        want = jax.tree.leaves(sh.opt_state)
+        shardings_ok &= all(g.is_equivalent_to(w, np.ndim(x)) for g, w, x in
+                            zip(got, want, jax.tree.leaves(state.opt_state)))
+    return state, counter.count, {"opt_state_shardings_kept": shardings_ok, "shardings": sh}
+
+
+def assert_close(a, b, rtol=2e-5, atol=2e-6, what=""):
+    lb = jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b), what
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], lb):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol,
+                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
