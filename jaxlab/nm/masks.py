@@ -1,0 +1,262 @@
+"""N:M masks along a chosen axis, the default reduction-axis rule, leaf selection and the STE helper.
+
+An N:M mask keeps, in every group of ``M`` consecutive entries along one axis, the ``N`` entries
+of largest magnitude:
+
+.. math::
+
+    \\operatorname{mask}(w)_{g,p} = \\mathbb 1\\big[\\operatorname{rank}_g(p) < N\\big],\\qquad
+    \\operatorname{rank}_g(p) = \\#\\{q : |w_{g,q}| > |w_{g,p}|\\}
+        + \\#\\{q < p : |w_{g,q}| = |w_{g,p}|\\}.
+
+**Tie rule: among equal magnitudes the lower index wins** (the rank counts equal entries that come
+*before* ``p``), so the mask is a deterministic function of ``w`` and exactly ``N`` entries per group
+are kept, ties included. ``-0.0`` and ``+0.0`` tie; NaN never outranks anything.
+
+Reference: Lu et al., "STEP: Learning N:M Structured Sparsity Masks from Scratch with
+Precondition" (ICML 2023, arXiv 2302.01172), Sec. 2; Zhou et al., "Learning N:M Fine-grained
+Structured Sparse Neural Networks From Scratch" (ICLR 2021), Eq. 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "check_nm",
+    "default_sparsify",
+    "is_nm",
+    "leaf_name",
+    "nm_leaf_axes",
+    "nm_mask",
+    "reduction_axis",
+    "straight_through",
+]
+
+LeafFn = Callable[[Any, Any], Any]
+
+
+def leaf_name(path) -> str:
+    """The last key of a pytree path as a string (``"kernel"`` for ``params['dense']['kernel']``)."""
+    if not path:
+        return ""
+    k = path[-1]
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _where(name: str | None) -> str:
+    return f"{name}: " if name else ""
+
+
+def check_nm(shape, n: int, m: int, axis: int, *, name: str | None = None) -> int:
+    """Validate an N:M request for an array of ``shape``; return the non-negative axis.
+
+    Args:
+      shape: the array's shape.
+      n, m: keep ``n`` of every ``m`` (``1 <= n <= m``).
+      axis: grouping axis (negative counts from the end).
+      name: leaf path used in error messages.
+
+    Returns:
+      ``axis`` normalised to ``0 <= axis < len(shape)``.
+
+    Raises:
+      TypeError: ``n`` or ``m`` is not an int.
+      ValueError: ``n > m``, ``n < 1``, axis out of range, or ``shape[axis] % m != 0``.
+    """
+    shape = tuple(shape)
+    for label, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise TypeError(f"{_where(name)}N:M needs integer {label}, got {v!r} ({type(v).__name__})")
+    if not 1 <= n <= m:
+        raise ValueError(f"{_where(name)}N:M needs 1 <= n <= m, got n={n}, m={m}")
+    nd = len(shape)
+    if not -nd <= axis < nd or nd == 0:
+        raise ValueError(f"{_where(name)}axis {axis} is out of range for an array of shape {shape}")
+    axis = axis % nd
+    if shape[axis] % m:
+        raise ValueError(
+            f"{_where(name)}shape {shape} has length {shape[axis]} on axis {axis}, "
+            f"not a multiple of M={m}; {n}:{m} sparsity needs groups of {m} along that axis"
+        )
+    return axis
+
+
+def nm_mask(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = None) -> jax.Array:
+    """Boolean N:M mask of ``w``: per group of ``m`` consecutive entries along ``axis``, keep ``n``.
+
+    .. math:: \\operatorname{mask}_{g,p} = \\mathbb 1[\\#\\{q: |w_q|>|w_p|\\} + \\#\\{q<p: |w_q|=|w_p|\\} < n]
+
+    Magnitude decides; among equal magnitudes the lower index wins, so every group holds exactly
+    ``n`` ones. The rank is computed by ``m * m`` elementwise compares (no sort), which XLA fuses.
+
+    Args:
+      w: array (any float dtype).
+      n, m: keep ``n`` of every ``m``.
+      axis: the grouping axis; for a Flax ``Dense`` kernel ``(d_in, d_out)`` the hardware axis is
+        the reduction axis 0 (see :func:`reduction_axis`).
+      name: leaf path for error messages.
+
+    Returns:
+      Boolean array of ``w.shape``.
+
+    Raises:
+      ValueError: ``n > m`` or ``w.shape[axis]`` not a multiple of ``m``.
+
+    Example:
+      >>> nm_mask(jnp.array([[1.0], [-3.0], [2.0], [0.5]]), 2, 4, axis=0)[:, 0]
+      Array([False,  True,  True, False], dtype=bool)
+
+    Reference: STEP (Lu et al., ICML 2023), Sec. 2; SR-STE (Zhou et al., ICLR 2021), Eq. 1.
+    """
+    w = jnp.asarray(w)
+    axis = check_nm(w.shape, n, m, axis, name=name)
+    if n == m:
+        return jnp.ones(w.shape, bool)
+    wt = jnp.moveaxis(w, axis, -1)
+    lead = wt.shape[:-1]
+    a = jnp.abs(wt).reshape(*lead, wt.shape[-1] // m, m)
+    ap = a[..., :, None]  # candidate p
+    aq = a[..., None, :]  # competitor q
+    lower = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]  # [p, q] = q < p
+    beats = (aq > ap) | ((aq == ap) & lower)
+    rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
+    keep = (rank < n).reshape(wt.shape)
+    return jnp.moveaxis(keep, -1, axis)
+
+
+def reduction_axis(path, leaf) -> int:
+    """Default N:M grouping axis of a parameter: the matmul's reduction (input) axis.
+
+    Flax ``Dense`` kernels are ``(d_in, d_out)`` (``y = x @ W``), so the groups run along axis 0;
+    convolution kernels are HWIO (``(..., in, out)``), so along the input-channel axis ``-2``.
+
+    Args:
+      path: the leaf's pytree path (unused by the default rule; kept so overrides can use it).
+      leaf: the parameter.
+
+    Returns:
+      ``0`` for a 2-D kernel, ``ndim - 2`` for a conv kernel (``ndim >= 3``).
+
+    Raises:
+      ValueError: the leaf has fewer than 2 dimensions (no reduction axis).
+
+    Example:
+      >>> reduction_axis((), jnp.zeros((64, 32))), reduction_axis((), jnp.zeros((3, 3, 16, 8)))
+      (0, 2)
+    """
+    ndim = np.ndim(leaf)
+    if ndim < 2:
+        raise ValueError(
+            f"{jax.tree_util.keystr(tuple(path))}: shape {tuple(np.shape(leaf))} has no reduction axis "
+            "(N:M needs a matrix or conv kernel with ndim >= 2)"
+        )
+    return 0 if ndim == 2 else ndim - 2
+
+
+def is_nm(leaf) -> bool:
+    """True for a floating array leaf (the only kind N:M can apply to)."""
+    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def default_sparsify(path, leaf, m: int, axis_fn: LeafFn = reduction_axis) -> bool:
+    """Default leaf filter: a floating Flax ``kernel`` (ndim >= 2) whose grouping axis divides by ``m``.
+
+    Biases, norm scales and embeddings (``embedding``) stay dense; so do kernels whose reduction axis
+    is not a multiple of ``m`` (e.g. a first layer with 3 input channels).
+    """
+    if leaf_name(path) != "kernel" or not is_nm(leaf) or np.ndim(leaf) < 2:
+        return False
+    ax = axis_fn(path, leaf) % np.ndim(leaf)
+    return np.shape(leaf)[ax] % m == 0
+
+
+def nm_leaf_axes(params, m: int, *, sparsify=None, nm_axis=None, n: int | None = None):
+    """Resolve which leaves are N:M and along which axis: a pytree of ``int`` axis or ``None`` (dense).
+
+    Args:
+      params: the parameter pytree.
+      m: group size (used by the default filter and for validation).
+      sparsify: ``None`` (:func:`default_sparsify`), a callable ``(path, leaf) -> bool``, or a pytree
+        of bools with the structure of ``params``.
+      nm_axis: ``None`` (:func:`reduction_axis`), an int for all leaves, or ``(path, leaf) -> int``.
+      n: if given, also validate ``1 <= n <= m``.
+
+    Returns:
+      A pytree (structure of ``params``) whose leaves are the non-negative grouping axis of each
+      sparsified leaf and ``None`` for dense leaves (``None`` leaves are static in JAX).
+
+    Raises:
+      ValueError: a selected leaf is not floating / has ndim < 1 / its axis is not a multiple of
+        ``m`` -- the message names the leaf path and its shape.
+    """
+    if n is not None:
+        check_nm((m,), n, m, 0)
+    if nm_axis is None:
+        axis_fn = reduction_axis
+    elif callable(nm_axis):
+        axis_fn = nm_axis
+    elif isinstance(nm_axis, int | np.integer) and not isinstance(nm_axis, bool):
+        axis_fn = lambda path, leaf: int(nm_axis)
+    else:
+        raise TypeError(f"nm_axis must be None, an int or a callable (path, leaf) -> int; got {nm_axis!r}")
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if sparsify is None:
+        chosen = [default_sparsify(p, x, m, axis_fn) for p, x in flat]
+    elif callable(sparsify):
+        chosen = [bool(sparsify(p, x)) for p, x in flat]
+    else:
+        try:
+            chosen = treedef.flatten_up_to(sparsify)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"sparsify pytree does not match the params structure ({treedef}): {e}"
+            ) from e
+        chosen = [bool(c) for c in chosen]
+
+    axes = []
+    for (p, x), c in zip(flat, chosen):
+        if not c:
+            axes.append(None)
+            continue
+        name = jax.tree_util.keystr(p)
+        if not is_nm(x):
+            raise ValueError(
+                f"{name}: N:M was requested for a leaf of dtype {getattr(x, 'dtype', type(x).__name__)} "
+                f"and shape {tuple(np.shape(x))}; expected a floating array"
+            )
+        ax = axis_fn(p, x)
+        axes.append(check_nm(np.shape(x), n if n is not None else 1, m, int(ax), name=name))
+    return jax.tree_util.tree_unflatten(treedef, axes)
+
+
+def straight_through(w: jax.Array, mask: jax.Array) -> jax.Array:
+    """Straight-through masked weight: forward ``w * mask``, gradient passed unchanged to ``w``.
+
+    .. math:: \\tilde w = w + \\operatorname{sg}(w \\odot \\operatorname{mask} - w),\\qquad
+        \\partial L/\\partial w = \\partial L/\\partial \\tilde w
+
+    Args:
+      w: dense weight.
+      mask: boolean or 0/1 mask of the same shape (treated as a constant).
+
+    Returns:
+      An array equal to ``w * mask`` whose VJP/JVP w.r.t. ``w`` is the identity.
+
+    Example:
+      >>> jax.grad(lambda w: straight_through(w, nm_mask(w, 2, 4)).sum())(jnp.ones((4, 1)))[:, 0]
+      Array([1., 1., 1., 1.], dtype=float32)
+
+    Reference: Bengio et al. 2013 (STE); STEP (Lu et al., ICML 2023), Sec. 2.
+    """
+    masked = jnp.where(mask, w, jnp.zeros((), w.dtype))
+    return w + jax.lax.stop_gradient(masked - w)
