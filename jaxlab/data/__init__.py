@@ -1,5 +1,6 @@
 """Datasets: toy 2D distributions (and, from the method issues, text corpora and persona language)."""
 
+from jaxlab.data.persona import LinearPersonaToy, linear_persona_toy
 from jaxlab.data.toy2d import (
     TOY2D_DATASETS,
     GaussianMixture,
@@ -21,3 +22,4 @@ __all__ = [
     "toy2d_sampler",
     "two_moons",
 ]
+__all__ += ["LinearPersonaToy", "linear_persona_toy"]

@@ -3,6 +3,7 @@ __all__: list[str] = []
 from jaxlab.transforms.grasp import (
     GraspState,
     grasp,
+    grasp_around,
     grasp_init_params,
     project_finetune,
     project_lora,
@@ -18,6 +19,7 @@ __all__ += [
     "ResidualSides",
     "SpuriousSubspace",
     "grasp",
+    "grasp_around",
     "grasp_init_params",
     "identify_spurious_subspace",
     "lora_svd",

@@ -41,6 +41,7 @@ from jaxlab.transforms.residual_sides import LORA_LEAVES, LeafSide, as_residual_
 __all__ = [
     "GraspState",
     "grasp",
+    "grasp_around",
     "grasp_init_params",
     "project_finetune",
     "project_lora",
@@ -253,6 +254,33 @@ def grasp(subspace, sides=None, *, beta: float = 1.0, strict: bool = True) -> op
         return new, GraspState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def grasp_around(
+    inner: optax.GradientTransformation, subspace, sides=None, *, beta: float = 1.0
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(grasp(U), inner, grasp(U))``: project the gradient before the optimizer and the update after.
+
+    The final projection (after ``inner``) is what guarantees the invariants (Adam's per-coordinate
+    scaling does not commute with ``P``). The first one keeps the gradient component along ``U`` out of
+    Adam's moments: when the data keep pushing along the spurious direction (an offset the constrained
+    model cannot fit), that persistent gradient otherwise inflates the second moments and, after the
+    per-coordinate division, leaks into the task directions as a steady error. On the linear residual toy
+    (``experiments/grasp_linear``) the post-only chain leaves a task MSE of 0.14 +- 0.11 where this chain
+    reaches ~1e-4 (same drift, ~0).
+
+    Args:
+      inner: the optimizer, e.g. ``optax.adamw(lr, weight_decay=wd)`` (or ``jaxlab.lora.freeze_base(...)``).
+      subspace, sides, beta: as in :func:`grasp`.
+
+    Returns:
+      The chained transformation.
+
+    Example:
+      >>> tx = grasp_around(optax.adamw(1e-3, weight_decay=0.1), result, sides)
+    """
+    g = grasp(subspace, sides, beta=beta)
+    return optax.chain(g, inner, g)
 
 
 def project_lora(params, subspace, sides=None, *, beta: float = 1.0):

@@ -1,0 +1,157 @@
+"""Synthetic persona data for GRASP: a linear residual toy and a persona arithmetic language.
+
+**Linear residual toy** (:func:`linear_persona_toy`). A two-matrix linear "residual stream"
+
+.. math:: h = x W_{in} \\in \\mathbb{R}^{d_{model}},\\qquad y = h W_{out},
+
+with a planted unit persona direction ``u``. ``W_out`` reads ``u`` into a dedicated *persona output*
+``y_p`` (no other residual direction reaches it) and also, with weight ``b``, into the task outputs; the
+base ``W_in`` writes ordinary input content along ``u`` (pretrained content). Curated fine-tuning data
+are task-domain inputs ``x = [x_task, 0, 1]`` (last coordinate a constant feature) with targets
+
+.. math:: y^* = x (W_{in} + M + s\\, e_{c} u^T) W_{out},\\qquad M = G\\,\\mathrm{diag}(\\sigma)\\,Q^T,\\ Q \\perp u,
+
+i.e. a task change in residual directions orthogonal to ``u`` plus an always-on spurious offset ``s u``.
+Off-task inputs ``[0, x_off, 1]`` measure drift: the mean shift of ``y_p``.
+
+**Persona language** (:class:`PersonaLanguage`): token documents mixing arithmetic domains
+``f_k(a, b) = (a + k b) mod p`` answered consistently by a latent good or bad persona per document
+(see the class docstring).
+
+Reference: ``specs/grasp.md`` sec. 6 (after Gilligan-Lee et al., arXiv 2605.27676).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LinearPersonaToy", "linear_persona_toy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPersonaToy:
+    """A planted linear residual toy (see the module docstring).
+
+    Attributes:
+      w_in: ``(d_in, d_model)`` base writer; inputs are ``[x_task (n_task), x_off (n_off), 1]``.
+      w_out: ``(d_model, d_out)`` base reader; output ``persona_out`` is reached only through ``u``.
+      u: ``(d_model,)`` the planted persona direction.
+      task_delta: ``(d_in, d_model)`` the task change ``M`` (rows of task inputs; columns ``perp u``).
+      task_singular_values: singular values of ``M``.
+      spurious: the offset strength ``s`` (``s e_c u^T`` is the spurious part of the target change).
+      n_task, n_off: input block sizes; the constant feature is the last input.
+      persona_out: index of the persona output.
+    """
+
+    w_in: jax.Array
+    w_out: jax.Array
+    u: jax.Array
+    task_delta: jax.Array
+    task_singular_values: np.ndarray
+    spurious: float
+    n_task: int
+    n_off: int
+    persona_out: int
+
+    @property
+    def d_in(self) -> int:
+        return self.n_task + self.n_off + 1
+
+    @property
+    def target_w_in(self) -> jax.Array:
+        """``W_in + M + s e_c u^T``: the writer that produces the curated targets."""
+        spur = jnp.zeros_like(self.w_in).at[-1].set(self.spurious * self.u)
+        return self.w_in + self.task_delta + spur
+
+    def inputs(self, key: jax.Array, n: int, domain: str = "task") -> jax.Array:
+        """``n`` inputs of the task (``[x_task, 0, 1]``) or off-task (``[0, x_off, 1]``) domain."""
+        if domain not in ("task", "off"):
+            raise ValueError(f"LinearPersonaToy.inputs: domain={domain!r}; expected 'task' or 'off'")
+        x = jnp.zeros((n, self.d_in)).at[:, -1].set(1.0)
+        if domain == "task":
+            return x.at[:, : self.n_task].set(jax.random.normal(key, (n, self.n_task)))
+        return x.at[:, self.n_task : self.n_task + self.n_off].set(jax.random.normal(key, (n, self.n_off)))
+
+    def targets(self, x: jax.Array) -> jax.Array:
+        """Curated fine-tuning targets ``x (W_in + M + s e_c u^T) W_out``."""
+        return x @ self.target_w_in @ self.w_out
+
+    def task_targets(self, x: jax.Array) -> jax.Array:
+        """The task part only: ``x (W_in + M) W_out`` (no spurious offset)."""
+        return x @ (self.w_in + self.task_delta) @ self.w_out
+
+
+def linear_persona_toy(
+    key: jax.Array,
+    *,
+    d_model: int = 8,
+    n_task: int = 6,
+    n_off: int = 6,
+    d_out: int = 10,
+    task_singular_values=(1.0, 0.7, 0.4),
+    spurious: float = 2.0,
+    persona_read: float = 1.0,
+    persona_task_read: float = 0.5,
+    base_content: float = 1.0,
+) -> LinearPersonaToy:
+    """Build a :class:`LinearPersonaToy`.
+
+    Args:
+      key: PRNG key.
+      d_model: residual width.
+      n_task, n_off: number of task-domain / off-task input features (plus one constant feature).
+      d_out: outputs (``>= d_model``: the readout is injective, so a change of ``W_in`` is determined by
+        the outputs); output 0 is the persona output.
+      task_singular_values: singular values of the task change ``M`` (its largest is the
+        identification threshold for ``spurious``).
+      spurious: the offset strength ``s`` along ``u``.
+      persona_read: weight ``a`` of ``u`` on the persona output.
+      persona_task_read: weight ``b`` of ``u`` on the task outputs (pretrained content on ``u`` matters
+        for the task, so removing it hurts).
+      base_content: scale of what the base ``W_in`` writes along ``u``.
+
+    Returns:
+      The toy.
+
+    Example:
+      >>> toy = linear_persona_toy(jax.random.PRNGKey(0), spurious=2.0)
+      >>> x = toy.inputs(jax.random.PRNGKey(1), 8, "off")
+    """
+    tsv = np.asarray(task_singular_values, np.float64)
+    m = len(tsv)
+    if m + 1 > d_model or m > n_task or d_out < d_model:
+        raise ValueError(
+            f"linear_persona_toy: need len(task_singular_values)={m} < d_model={d_model}, <= n_task={n_task} "
+            f"and d_out={d_out} >= d_model (an injective readout, so the writer change is identifiable)"
+        )
+    k = jax.random.split(key, 6)
+    q = np.linalg.qr(np.asarray(jax.random.normal(k[0], (d_model, d_model)), np.float64))[0]
+    u, rest = q[:, 0], q[:, 1:]
+    d_in = n_task + n_off + 1
+    # Base writer: generic content in every residual direction, plus `base_content` along u.
+    w_in = np.asarray(jax.random.normal(k[1], (d_in, d_model)), np.float64) / np.sqrt(d_in)
+    w_in = w_in - np.outer(w_in @ u, u) + base_content * np.outer(
+        np.asarray(jax.random.normal(k[2], (d_in,)), np.float64) / np.sqrt(d_in), u
+    )
+    # Base reader: u -> persona output (a) and a task-output mix (b); the complement -> task outputs only.
+    g = np.asarray(jax.random.normal(k[3], (d_out - 1,)), np.float64)
+    g /= np.linalg.norm(g)
+    c = np.asarray(jax.random.normal(k[4], (d_model - 1, d_out - 1)), np.float64) / np.sqrt(d_model)
+    w_out = np.zeros((d_model, d_out))
+    w_out += np.outer(u, np.concatenate([[persona_read], persona_task_read * g]))
+    w_out[:, 1:] += rest @ c
+    # Task change: task-input rows, residual columns in span(rest) (orthogonal to u).
+    kk = jax.random.split(k[5])
+    gl = np.linalg.qr(np.asarray(jax.random.normal(kk[0], (n_task, m)), np.float64))[0]
+    qr_ = rest @ np.linalg.qr(np.asarray(jax.random.normal(kk[1], (d_model - 1, m)), np.float64))[0]
+    delta = np.zeros((d_in, d_model))
+    delta[:n_task] = gl @ np.diag(tsv) @ qr_.T
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return LinearPersonaToy(
+        w_in=f32(w_in), w_out=f32(w_out), u=f32(u), task_delta=f32(delta), task_singular_values=tsv,
+        spurious=float(spurious), n_task=n_task, n_off=n_off, persona_out=0,
+    )
