@@ -23,3 +23,7 @@ __all__ = [
     "two_moons",
 ]
 __all__ += ["LinearPersonaToy", "linear_persona_toy"]
+
+from jaxlab.data.text import TextCorpus, eval_windows, load_stdlib_corpus, random_windows, stdlib_files
+
+__all__ += ["TextCorpus", "eval_windows", "load_stdlib_corpus", "random_windows", "stdlib_files"]
