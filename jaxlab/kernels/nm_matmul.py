@@ -32,19 +32,33 @@ no Pallas backend reaches sparse tensor cores, so the gain is bandwidth only.
 
 Paths:
 
-* ``"pallas"`` -- one generic ``pl.pallas_call`` with an explicit grid and ``BlockSpec`` s,
-  compiled by Mosaic on TPU (MXU ``dot`` per ``(s, p)`` block), and run with ``interpret=True`` on
-  CPU for tests. A GPU variant (Mosaic GPU compiler params, 3-D blocks so every TMA box is <= 256
-  per dimension, a GEMV body of FMAs and a column reduction for batch <= 16) exists and is tested in
-  interpret mode, but its Mosaic GPU lowering does **not** succeed yet (checked by cross-lowering
-  with ``jax.export(..., platforms=["cuda"])`` on CPU: "Incompatible FragmentedArray layouts"), so
-  auto never picks it. TPU lowering to Mosaic MLIR succeeds for 2:4, 1:4, 1:8, 2:8, 4:16 (same
-  check with ``platforms=["tpu"]``); it has not run on TPU hardware.
-  Two grid shapes: a tiled GEMM grid ``(batch, n, k)`` and a GEMV grid ``(n, k)`` holding the whole
-  (<= 16 row) batch in one block.
+* ``"pallas"`` -- a ``pl.pallas_call`` with an explicit grid and ``BlockSpec`` s.
+  On TPU (and in interpret mode for ``backend="tpu"/"cpu"``) one generic kernel compiled by Mosaic
+  (MXU ``dot`` per ``(s, p)`` block), with a tiled GEMM grid ``(batch, n, k)`` or a GEMV grid
+  ``(n, k)`` holding the whole (<= 16 row) batch in one block.
+  On GPU a separate Mosaic GPU kernel (:mod:`jaxlab.kernels._nm_matmul_gpu`, ``plgpu.CompilerParams``;
+  no Triton): grid ``(batch tiles of <= 16 rows, n, k)`` with the K axis run as the TMA pipeline, 3-D
+  blocks so every TMA box is <= 256 per dimension (the weight is zero-padded to whole K tiles
+  instead of masked), and a GEMV body of FMAs -- per packed row, ``WG_STRIDED`` 1-D register rows of
+  values and indices (one vector width for all dtypes), ``where(I_s == p, V_s, 0)`` times an SMEM
+  scalar of ``X_{s,p}`` -- accumulated in registers within a K tile and in SMEM across K tiles.
+  ``use_dot`` is ignored there (Mosaic GPU lowers no ``dot_general`` outside ``wgmma``). Default GPU
+  tiles ``(16, 256, 128)``; ``block_k`` is halved until the tiles fit 200 KiB of SMEM.
 * ``"xla"`` -- decompress with compares/selects in XLA and call ``jnp.dot``; what auto picks on CPU
   and for compute-bound shapes (large batch), where dense tensor-core matmul wins.
 * :func:`nm_matmul_reference` -- an independent, readable pure-jnp definition used by the tests.
+
+**What is verified.** Numerics: both kernels (TPU body and GPU body) equal the reference and the
+exact pruned product in interpret mode on CPU (``tests/test_kernels_nm_matmul.py``: 2:4, 1:4, 1:8,
+2:8, 4:16; f32 and bf16; ragged K, N_out and batch tiles). Lowering, from CPU with
+``jax.export(jax.jit(f), platforms=[...])``: Mosaic TPU (``tpu_custom_call``) for 2:4, and Mosaic GPU
+for CUDA (the whole kernel lowered by Pallas' Mosaic GPU backend -- layouts, TMA pipeline, SMEM --
+into a ``mosaic_gpu_v2`` custom call) for 2:4, 1:4, 1:8, 2:8, 4:16 at batch 1 and 40 in bf16 and
+3:4 at batch 16 in f32. **Not verified:** PTX generation/``ptxas`` (needs the CUDA plugin), any run
+on a GPU or TPU, and any timing -- so ``implementation=None`` still uses XLA on GPU; the on-device
+tests (``-m gpu`` / ``-m tpu``) and ``benchmarks/nm_matmul.py`` are the next check on hardware.
+Note: JAX 0.10 warns that ``pl.pallas_call`` for Mosaic GPU is deprecated in favour of
+``plgpu.kernel``; the kernel still uses ``pallas_call`` (BlockSpec pipeline, shared interpret path).
 
 **AD.** The kernel is for inference. ``jax.jvp``/``jax.grad`` through the ``"pallas"`` path fall back
 to the reference: a ``custom_jvp`` computes the primal with the kernel and the (bilinear) tangent
@@ -68,6 +82,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from jaxlab.kernels import _nm_matmul_gpu as _gpu
 
 __all__ = [
     "AUTO_MAX_BATCH",
@@ -166,8 +182,8 @@ class BlockSizes:
         gemv = batch <= _GEMV_MAX_BATCH
         if backend == "tpu":
             return cls(16, 2048, 512) if gemv else cls(256, 2048, 512)
-        if backend == "gpu":
-            return cls(16, 256, 256) if gemv else cls(64, 256, 128)
+        if backend == "gpu":  # the Mosaic GPU FMA kernel takes batch tiles of <= 16 rows
+            return cls(16, 256, 128)
         return cls(8, 128, 128) if gemv else cls(32, 128, 128)
 
 
@@ -332,6 +348,7 @@ class _Plan:
     b_pad: int
     gemv: bool
     layout3d: bool  # GPU: x as (B, T*q*M, R), values as (E/q, q, N_out) -- TMA boxes <= 256 per dim
+    # (the GPU kernel is in _nm_matmul_gpu; the kernel below is the TPU/generic one)
     ragged: bool  # K % block_k != 0: the last K tile reads past the arrays and is masked
 
 
@@ -386,7 +403,8 @@ def _expand_columns(plan: _Plan) -> np.ndarray:
 
 
 def _nm_kernel(x_ref, v_ref, p_ref, o_ref, *, plan: _Plan, use_dot: bool, compute_dtype):
-    """One (batch, n, k) grid step: decompress a value/index tile on chip and accumulate ``X D``."""
+    """One (batch, n, k) grid step (TPU / generic): decompress a value/index tile on chip and
+    accumulate ``X D`` in the output block."""
     kt = pl.program_id(1 if plan.gemv else 2)  # the K (reduction) grid axis is last
 
     @pl.when(kt == 0)
@@ -403,17 +421,14 @@ def _nm_kernel(x_ref, v_ref, p_ref, o_ref, *, plan: _Plan, use_dot: bool, comput
     zero = jnp.zeros((), compute_dtype)
     for s in range(q):
         # Entry e = r*q + s of this tile: its value row (strided load) and its index bit plane.
-        v_s = v_ref[:, s, :] if plan.layout3d else v_ref[pl.ds(s, rows, stride=q), :]
+        v_s = v_ref[pl.ds(s, rows, stride=q), :]
         v_s = v_s.astype(compute_dtype)
         i_s = (packed >> (bits * s)) & ((1 << bits) - 1)
         if plan.ragged:  # entries past E (ragged last K tile) read out-of-bounds memory: zero them
             v_s = jnp.where(first_entry + row * q + s < plan.n_entries, v_s, zero)
         for p in range(m):
             d = jnp.where(i_s == p, v_s, zero)  # dense rows {g(e)*M + p} of this tile, (R, bn)
-            if plan.layout3d:
-                xs = x_ref[:, s * m + p, :]  # (bb, R)
-            else:
-                xs = x_ref[:, pl.ds((s * m + p) * rows, rows)]  # (bb, R)
+            xs = x_ref[:, pl.ds((s * m + p) * rows, rows)]  # (bb, R)
             if use_dot:
                 acc += jnp.dot(xs, d, preferred_element_type=jnp.float32)
             else:  # GEMV body: FMAs + a column reduction (no tensor-core tile shape needed).
@@ -444,10 +459,17 @@ def _pallas_nm_matmul(
     batch, n_out = x2.shape[0], values.shape[-1]
     gemv = batch <= _GEMV_MAX_BATCH
     bs = block_sizes if block_sizes is not None else BlockSizes.get_default(backend, batch=batch)
-    plan = _make_plan(batch, n, m, k, n_out, bs, gemv, layout3d=backend == "gpu")
     out_dtype = jnp.result_type(x2.dtype, values.dtype)
+    if backend == "gpu":  # one FMA kernel, 3-D grid, batch tiles of <= 16 rows (see _nm_matmul_gpu)
+        plan = _gpu.make_gpu_plan(
+            batch, n, m, k, n_out, bs, jnp.dtype(out_dtype).itemsize,
+            shrink=block_sizes is None, make_plan=_make_plan,
+        )
+        gemv = False
+    else:
+        plan = _make_plan(batch, n, m, k, n_out, bs, gemv)
     if use_dot is None:
-        use_dot = not (backend == "gpu" and gemv)
+        use_dot = True
 
     # Column-expanded activations (XLA gather with a static table), padded to whole batch tiles.
     cols = jnp.asarray(_expand_columns(plan))
@@ -467,13 +489,12 @@ def _pallas_nm_matmul(
             indices = jnp.pad(indices, ((0, r_pad - indices.shape[0]), (0, 0)))
         x_exp = x_exp.reshape(plan.b_pad, plan.k_tiles * qm, plan.rows)
         values = values.reshape(r_pad, plan.q, n_out)
-        x_block, v_block = (plan.bb, qm, plan.rows), (plan.rows, plan.q, plan.bn)
-        x_map = lambda i, t: (i, t, 0)
-        v_map = lambda t, j: (t, 0, j)
-    else:
-        x_block, v_block = (plan.bb, plan.n * plan.bk), (plan.rows * plan.q, plan.bn)
-        x_map = lambda i, t: (i, t)
-        v_map = lambda t, j: (t, j)
+        y = _gpu.gpu_nm_matmul(x_exp, values, indices, plan=plan, interpret=interpret,
+                               name=f"nm_matmul_{n}_{m}")
+        return y[:batch].astype(out_dtype)
+    x_block, v_block = (plan.bb, plan.n * plan.bk), (plan.rows * plan.q, plan.bn)
+    x_map = lambda i, t: (i, t)
+    v_map = lambda t, j: (t, j)
     if gemv:
         grid = (n_tiles, plan.k_tiles)
         in_specs = [
@@ -538,8 +559,8 @@ def _pallas_jvp(static, primals, tangents):
 # --------------------------------------------------------------------------------------------------
 
 
-#: Backends on which auto may pick the kernel. GPU is left out: the Mosaic GPU lowering of this kernel
-#: does not succeed yet (``jax.export`` for ``"cuda"`` reports incompatible FragmentedArray layouts).
+#: Backends on which auto may pick the kernel. GPU is left out: the Mosaic GPU kernel lowers for CUDA
+#: (checked from CPU) but has never run or been timed on a GPU.
 _AUTO_KERNEL_BACKENDS = ("tpu",)
 
 
@@ -576,13 +597,14 @@ def nm_matmul(
         (``jaxlab.nm.compress(w, n, m, axis=0)``), any N:M with ``M in (2, 4, 8, 16)``.
       implementation: ``None`` (auto: the kernel for memory-bound shapes -- flattened batch
         <= :data:`AUTO_MAX_BATCH`, ``N/M <= 1/2``, ``K*N_out >= 2**20`` -- on TPU, XLA otherwise,
-        always on CPU and, until the Mosaic GPU lowering works, on GPU), ``"xla"`` or ``"pallas"``.
+        always on CPU and, until the Mosaic GPU kernel has been run and timed on a GPU, on GPU),
+        ``"xla"`` or ``"pallas"``.
       block_sizes: static :class:`BlockSizes`; default :meth:`BlockSizes.get_default`.
       interpret: run the Pallas kernel in interpret mode (``None``: only on CPU, where it is the only
         way to run it; use for tests).
       use_dot: kernel body: ``True`` multiplies each decompressed tile with ``jnp.dot`` (MXU/tensor
-        cores), ``False`` with FMAs and a column reduction (GEMV). ``None``: FMAs for the GPU GEMV grid,
-        ``dot`` elsewhere.
+        cores), ``False`` with FMAs and a column reduction (GEMV). ``None``: ``dot``. Ignored on GPU,
+        whose Mosaic GPU kernel is FMA-only.
 
     Returns:
       ``(..., N_out)`` array of dtype ``result_type(x.dtype, c.values.dtype)`` (float32 accumulation).
