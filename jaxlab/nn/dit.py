@@ -1,0 +1,157 @@
+"""A small Diffusion Transformer (DiT) for average-velocity models ``u_theta(z, r, t[, y])``.
+
+Patchify (einops) -> linear patch embedding + fixed 2D sin-cos positions -> ``depth`` DiT blocks with
+adaLN-zero conditioning on ``c = emb(t) + emb(t - r) [+ emb(y)]`` -> adaLN-zero final layer -> unpatchify.
+
+The attention is written with plain ``jnp`` ops (einsum + softmax), so the model supports forward-mode AD
+(``jax.jvp``), which MeanFlow needs; fused ``custom_vjp`` attention kernels would not
+(specs/meanflow.md sec. 7).
+
+Reference: Peebles & Xie, "Scalable Diffusion Models with Transformers" (DiT), arXiv 2212.09748,
+sec. 3.2 (adaLN-Zero block).
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlab.nn.embeddings import TimeEmbedding
+
+__all__ = ["DiT", "DiTBlock", "patchify", "unpatchify", "dot_product_attention"]
+
+
+def patchify(x: jax.Array, patch: int) -> jax.Array:
+    """``(B, H, W, C) -> (B, (H/p)(W/p), p*p*C)`` tokens (row-major patches)."""
+    if x.ndim != 4:
+        raise ValueError(f"patchify: expected images (B, H, W, C), got shape {x.shape}")
+    _, H, W, _ = x.shape
+    if H % patch or W % patch:
+        raise ValueError(f"patchify: image size {(H, W)} is not a multiple of the patch size {patch}")
+    return einops.rearrange(x, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=patch, p2=patch)
+
+
+def unpatchify(tokens: jax.Array, patch: int, height: int, width: int) -> jax.Array:
+    """Inverse of :func:`patchify`: ``(B, N, p*p*C) -> (B, H, W, C)``."""
+    return einops.rearrange(tokens, "b (h w) (p1 p2 c) -> b (h p1) (w p2) c", h=height // patch, w=width // patch,
+                            p1=patch, p2=patch)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(q k^T / sqrt(d)) v`` on ``(B, heads, N, d)`` arrays, in plain jnp (JVP-compatible)."""
+    logits = jnp.einsum("bhnd,bhmd->bhnm", q, k) / math.sqrt(q.shape[-1])
+    return jnp.einsum("bhnm,bhmd->bhnd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
+    """Fixed 2D sin-cos position embedding ``(h*w, dim)`` (half the channels per axis)."""
+    if dim % 4:
+        raise ValueError(f"DiT: hidden size must be a multiple of 4 for 2D sin-cos positions, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    gy, gx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    out = []
+    for g in (gy.reshape(-1), gx.reshape(-1)):
+        a = g[:, None] * omega[None]
+        out += [np.sin(a), np.cos(a)]
+    return np.concatenate(out, axis=1).astype(np.float32)
+
+
+def _dense(features, name, names, zero=False):
+    init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
+    return nn.Dense(features, name=name, kernel_init=nn.with_logical_partitioning(init, names))
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nn.Module):
+    """One adaLN-zero transformer block.
+
+    ``(s1, a1, g1, s2, a2, g2) = Dense_0(silu(c))`` (zero-initialised), then
+    ``x += g1 * Attn(LN(x) (1 + a1) + s1)`` and ``x += g2 * MLP(LN(x) (1 + a2) + s2)``, so every block
+    starts as the identity.
+    """
+
+    hidden: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+    @nn.compact
+    def __call__(self, x, c):
+        if self.hidden % self.heads:
+            raise ValueError(f"DiTBlock: hidden={self.hidden} is not divisible by heads={self.heads}")
+        mod = _dense(6 * self.hidden, "adaLN", ("embed", "mlp"), zero=True)(nn.silu(c))
+        s1, a1, g1, s2, a2, g2 = jnp.split(mod, 6, axis=-1)
+        h = _modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, name="ln1")(x), s1, a1)
+        qkv = _dense(3 * self.hidden, "qkv", ("embed", "heads"))(h)
+        q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        att = einops.rearrange(dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        x = x + g1[:, None, :] * _dense(self.hidden, "proj", ("heads", "embed"))(att)
+        h = _modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, name="ln2")(x), s2, a2)
+        h = nn.gelu(_dense(int(self.hidden * self.mlp_ratio), "fc1", ("embed", "mlp"))(h), approximate=True)
+        return x + g2[:, None, :] * _dense(self.hidden, "fc2", ("mlp", "embed"))(h)
+
+
+class DiT(nn.Module):
+    """Small DiT ``u_theta(z, r, t[, y])`` on images ``(B, H, W, C)``, conditioned on ``t`` and ``h = t - r``.
+
+    ``c = TimeEmbedding(t) + TimeEmbedding(t - r) [+ Embed(y)]`` (label index ``num_classes`` is the null
+    class used by classifier-free guidance); the output has the input's shape. At initialisation the
+    output is exactly zero (adaLN-zero final layer).
+
+    Attributes:
+      patch: patch size (``H`` and ``W`` must be multiples).
+      hidden: token width (multiple of 4 and of ``heads``).
+      depth: number of blocks.
+      heads: attention heads.
+      mlp_ratio: MLP width / hidden.
+      time_dim: sinusoidal width of each time embedding.
+      time_scale: scale of ``t`` and ``h`` inside the sinusoidal embedding (it multiplies ``d_t u``).
+      num_classes: ``> 0`` adds a label embedding with ``num_classes + 1`` rows.
+
+    Example:
+      >>> model = DiT(patch=2, hidden=64, depth=2, heads=4, num_classes=10)
+      >>> params = model.init(key, jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1, int))
+      >>> u = model.apply(params, z, r, t, y)            # (B, 8, 8, 1)
+    """
+
+    patch: int = 2
+    hidden: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    time_dim: int = 64
+    time_scale: float = 1000.0
+    num_classes: int = 0
+
+    @nn.compact
+    def __call__(self, z, r, t, y=None):
+        if z.ndim != 4:
+            raise ValueError(f"DiT: expected z of shape (B, H, W, C), got {z.shape}")
+        B, H, W, C = z.shape
+        r = jnp.broadcast_to(jnp.reshape(r, (-1,)), (B,))
+        t = jnp.broadcast_to(jnp.reshape(t, (-1,)), (B,))
+        tokens = patchify(z, self.patch)
+        x = _dense(self.hidden, "patch_embed", ("mlp", "embed"))(tokens)
+        x = x + jnp.asarray(_sincos_2d(H // self.patch, W // self.patch, self.hidden))[None]
+        c = TimeEmbedding(self.time_dim, self.hidden, self.time_scale, name="t_embed")(t)
+        c = c + TimeEmbedding(self.time_dim, self.hidden, self.time_scale, name="h_embed")(t - r)
+        if self.num_classes > 0:
+            if y is None:
+                y = jnp.full((B,), self.num_classes, jnp.int32)
+            c = c + nn.Embed(self.num_classes + 1, self.hidden, name="y_embed")(y)
+        elif y is not None:
+            raise ValueError("DiT: labels y given but num_classes == 0")
+        for i in range(self.depth):
+            x = DiTBlock(self.hidden, self.heads, self.mlp_ratio, name=f"block_{i}")(x, c)
+        shift, scale = jnp.split(_dense(2 * self.hidden, "final_adaLN", ("embed", "mlp"), zero=True)(nn.silu(c)), 2, -1)
+        x = _modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, name="final_ln")(x), shift, scale)
+        out = _dense(self.patch * self.patch * C, "final", ("embed", "mlp"), zero=True)(x)
+        return unpatchify(out, self.patch, H, W)
