@@ -1,0 +1,284 @@
+"""STEP (step_adamw) semantics, pinned against independent reference computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlab import nm
+from jaxlab.transforms import (
+    StepState,
+    nm_static_args,
+    prune,
+    sparse_forward_params,
+    step_adamw,
+    step_phase,
+    step_statistics,
+    step_switch_step,
+)
+from jaxlab.transforms._tree import find_states
+
+B1, B2, EPS = 0.9, 0.99, 1e-8
+
+
+def make_params(seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return {
+        "dense": {"kernel": jax.random.normal(k[0], (8, 6)), "bias": 0.1 * jax.random.normal(k[1], (6,))},
+        "conv": {"kernel": jax.random.normal(k[2], (3, 3, 4, 2))},
+        "embed": {"embedding": jax.random.normal(k[3], (5, 8))},
+    }
+
+
+def grads_at(params, i):
+    """Deterministic, param-dependent pseudo-gradients (varying in size, so v moves)."""
+    return jax.tree.map(lambda x: jnp.sin(3.0 * x + 0.7 * i) * (1.0 + 0.5 * np.cos(i)), params)
+
+
+def run(tx, params, steps, grad_fn=grads_at, jit=True):
+    state = tx.init(params)
+    upd = jax.jit(tx.update) if jit else tx.update
+    hist = []
+    for i in range(steps):
+        g = grad_fn(params, i)
+        u, new_state = upd(g, state, params)
+        hist.append(dict(g=g, u=u, params=params, state=state, new_state=new_state))
+        params = optax.apply_updates(params, u)
+        state = new_state
+    return params, state, hist
+
+
+def inner(state) -> StepState:
+    return find_states(state, StepState)[0]
+
+
+def close(a, b, rtol=1e-6, atol=1e-7):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_phase1_equals_optax_adamw():
+    params = make_params()
+    sched = optax.linear_schedule(1e-2, 1e-3, 10)
+    tx = step_adamw(sched, n=2, m=4, b1=B1, b2=B2, eps=EPS, weight_decay=0.05, switch_eps=0.0, t_min=100, t_max=100)
+    ref = optax.adamw(sched, b1=B1, b2=B2, eps=EPS, weight_decay=0.05)
+    p, s, hist = run(tx, params, 8)
+    p_ref, s_ref, hist_ref = run(ref, params, 8)
+    for h, r in zip(hist, hist_ref):
+        close(h["u"], r["u"])
+    close(p, p_ref)
+    close(inner(s).mu, s_ref[0].mu)
+    close(inner(s).nu, s_ref[0].nu)
+    assert int(step_phase(s)) == 0 and int(step_switch_step(s)) == -1
+    # forward params are the dense params in phase 1 (exactly)
+    for a, b in zip(jax.tree.leaves(sparse_forward_params(p, s)), jax.tree.leaves(p)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_after_switch_frozen_nu_moving_mu_and_update_formula():
+    params = make_params(1)
+    lr, wd, lam = 3e-3, 0.01, 2e-4
+    tx = step_adamw(lr, n=2, m=4, b1=B1, b2=B2, eps=EPS, weight_decay=wd, switch_eps=0.0, t_min=1, t_max=3,
+                    sr_ste_lambda=lam)
+    _, s, hist = run(tx, params, 8)
+    assert int(step_switch_step(s)) == 4  # first t with t > t_max
+    sw = [int(inner(h["new_state"]).phase) for h in hist]
+    assert sw == [0, 0, 0, 1, 1, 1, 1, 1]
+    nu_T0 = inner(hist[3]["new_state"]).nu
+    eps_f = EPS**0.75
+    for k in range(4, 8):
+        h = hist[k]
+        prev, new = inner(h["state"]), inner(h["new_state"])
+        t = k + 1
+        # frozen v on sparsifiable leaves; live v elsewhere; mu moves everywhere
+        for name in ("dense", "conv"):
+            np.testing.assert_array_equal(np.asarray(new.nu[name]["kernel"]), np.asarray(nu_T0[name]["kernel"]))
+        assert not np.allclose(new.nu["dense"]["bias"], prev.nu["dense"]["bias"])
+        assert not np.allclose(new.nu["embed"]["embedding"], prev.nu["embed"]["embedding"])
+        for a, b in zip(jax.tree.leaves(new.mu), jax.tree.leaves(prev.mu)):
+            assert not np.allclose(a, b)
+        # independent NumPy formula for the sparse leaves
+        for name in ("dense", "conv"):
+            w = np.asarray(h["params"][name]["kernel"], np.float64)
+            g = np.asarray(h["g"][name]["kernel"], np.float64)
+            axis = 0 if w.ndim == 2 else 2
+            mask = np.asarray(nm.nm_mask(jnp.asarray(w, jnp.float32), 2, 4, axis))
+            g_ref = g + lam * (1 - mask) * w
+            mu = B1 * np.asarray(prev.mu[name]["kernel"]) + (1 - B1) * g_ref
+            np.testing.assert_allclose(np.asarray(new.mu[name]["kernel"]), mu, rtol=1e-5, atol=1e-8)
+            d = (mu / (1 - B1**t)) / (np.sqrt(np.asarray(nu_T0[name]["kernel"])) + eps_f)
+            np.testing.assert_allclose(np.asarray(h["u"][name]["kernel"]), -lr * (d + wd * w), rtol=1e-5, atol=1e-8)
+        # dense leaves: ordinary AdamW with the global t
+        g = np.asarray(h["g"]["dense"]["bias"], np.float64)
+        mu = B1 * np.asarray(prev.mu["dense"]["bias"]) + (1 - B1) * g
+        nu = B2 * np.asarray(prev.nu["dense"]["bias"]) + (1 - B2) * g * g
+        d = (mu / (1 - B1**t)) / (np.sqrt(nu / (1 - B2**t)) + EPS)
+        w = np.asarray(h["params"]["dense"]["bias"])
+        np.testing.assert_allclose(np.asarray(h["u"]["dense"]["bias"]), -lr * (d + wd * w), rtol=1e-5, atol=1e-8)
+
+
+def test_frozen_v_flags_bias_correction_and_eps():
+    params = make_params(2)
+    kw = dict(n=1, m=4, b1=B1, b2=B2, switch_eps=0.0, t_min=0, t_max=2, sr_ste_lambda=0.0)
+    _, s, hist = run(step_adamw(1.0, bias_correct_frozen_v=True, eps_frozen=1e-3, **kw), params, 5)
+    h = hist[4]
+    t, t0 = 5, 3
+    mu = np.asarray(inner(h["new_state"]).mu["dense"]["kernel"])
+    v = np.asarray(inner(h["new_state"]).nu["dense"]["kernel"])
+    d = (mu / (1 - B1**t)) / (np.sqrt(v / (1 - B2**t0)) + 1e-3)
+    np.testing.assert_allclose(np.asarray(h["u"]["dense"]["kernel"]), -d, rtol=1e-5)
+
+
+def test_z_formula_ring_buffer_and_geometric():
+    params = make_params(3)
+    window = 3
+    for statistic in ("mean", "geometric"):
+        tx = step_adamw(1e-3, b2=B2, switch_eps=0.0, t_min=50, t_max=50, window=window, statistic=statistic)
+        _, _, hist = run(tx, params, 7)
+        zs = []
+        for h in hist:
+            prev, new = inner(h["state"]), inner(h["new_state"])
+            diffs = [
+                np.abs(np.asarray(new.nu[n]["kernel"], np.float64) - np.asarray(prev.nu[n]["kernel"], np.float64))
+                for n in ("dense", "conv")
+            ]
+            z = np.concatenate([d.ravel() for d in diffs]).mean()  # mean over all sparsifiable elements
+            zs.append(z)
+            np.testing.assert_allclose(float(new.z), z, rtol=1e-4)
+            last = np.array(zs[-window:])
+            zbar = last.mean() if statistic == "mean" else np.exp(np.log(last).mean())
+            np.testing.assert_allclose(float(new.zbar), zbar, rtol=1e-4)
+            assert int(new.z_fill) == min(len(zs), window) and int(new.z_pos) == len(zs) % window
+
+
+@pytest.mark.parametrize(
+    "switch_eps,t_min,t_max,expected",
+    [
+        (1e9, 4, 10, 5),  # the statistic is always below: the switch waits for t > t_min
+        (0.0, 0, 6, 7),  # never below: forced at t = t_max + 1
+        (1e9, 0, 10, 1),  # t_min = 0: the first step may switch
+    ],
+)
+def test_switch_respects_t_min_t_max(switch_eps, t_min, t_max, expected):
+    tx = step_adamw(1e-3, switch_eps=switch_eps, t_min=t_min, t_max=t_max, window=4)
+    _, s, hist = run(tx, make_params(), 12)
+    assert int(step_switch_step(s)) == expected
+    phases = [int(inner(h["new_state"]).phase) for h in hist]
+    assert phases == [0] * (expected - 1) + [1] * (12 - expected + 1)
+    assert int(step_statistics(s)["switch_step"]) == expected
+
+
+def test_switch_by_threshold_between_bounds():
+    """With decaying gradients Z falls; the switch happens at the first t > t_min with Zbar < eps."""
+    params = make_params(4)
+    decay = lambda p, i: jax.tree.map(lambda x: jnp.sin(x + i) * 0.5**i, p)
+    tx = step_adamw(1e-3, b2=B2, switch_eps=1e-4, t_min=2, t_max=40, window=2)
+    _, s, hist = run(tx, params, 20, grad_fn=decay)
+    zbars = [float(inner(h["new_state"]).zbar) for h in hist]
+    first = next(t for t, zb in enumerate(zbars, start=1) if zb < 1e-4 and t > 2)
+    assert 2 < first < 20
+    assert int(step_switch_step(s)) == first
+
+
+def test_one_compilation_across_the_switch():
+    traces = []
+    tx = step_adamw(1e-2, switch_eps=0.0, t_min=0, t_max=2)
+
+    @jax.jit
+    def update(g, state, params):
+        traces.append(1)
+        return tx.update(g, state, params)
+
+    params = make_params()
+    state = tx.init(params)
+    for i in range(6):
+        u, state = update(grads_at(params, i), state, params)
+        params = optax.apply_updates(params, u)
+    assert int(step_phase(state)) == 1 and int(step_switch_step(state)) == 3
+    assert len(traces) == 1
+
+
+def test_sparse_forward_params_and_prune():
+    params = make_params(5)
+    tx = step_adamw(1e-2, n=1, m=4, switch_eps=0.0, t_min=0, t_max=0)
+    p, s, _ = run(tx, params, 2)
+    assert int(step_phase(s)) == 1
+    fwd = sparse_forward_params(p, s)
+    w = p["dense"]["kernel"]
+    mask = nm.nm_mask(w, 1, 4, 0)
+    np.testing.assert_array_equal(np.asarray(fwd["dense"]["kernel"]), np.asarray(jnp.where(mask, w, 0)))
+    np.testing.assert_array_equal(np.asarray(fwd["dense"]["bias"]), np.asarray(p["dense"]["bias"]))
+    np.testing.assert_array_equal(np.asarray(fwd["embed"]["embedding"]), np.asarray(p["embed"]["embedding"]))
+    # straight-through: the gradient w.r.t. the dense weight is dL/dw_tilde, unmasked
+    x = jnp.ones((2, 8))
+    g = jax.grad(lambda q: jnp.sum(x @ sparse_forward_params(q, s)["dense"]["kernel"]))(p)
+    np.testing.assert_allclose(np.asarray(g["dense"]["kernel"]), 2.0 * np.ones((8, 6)))
+    pr = prune(p, s)
+    per_group = np.asarray(pr["conv"]["kernel"] != 0).reshape(3, 3, 1, 4, 2).sum(3)
+    assert (per_group == 1).all()
+    np.testing.assert_array_equal(np.asarray(pr["dense"]["kernel"]), np.asarray(fwd["dense"]["kernel"]))
+    # the deployment format round-trips the pruned weights
+    c = nm.compress_params(pr, 1, 4)
+    np.testing.assert_array_equal(np.asarray(nm.decompress(c["dense"]["kernel"])), np.asarray(pr["dense"]["kernel"]))
+
+
+def test_composes_with_chain_inject_hyperparams_and_multisteps():
+    params = make_params(6)
+    kw = dict(n=2, m=4, switch_eps=0.0, t_min=1, t_max=2)
+    base = step_adamw(1e-2, **kw)
+    # chain: clipping before STEP changes only the gradient it sees
+    clip = optax.chain(optax.clip_by_global_norm(1e-3), step_adamw(1e-2, **kw))
+    clip_g = lambda p, i: optax.clip_by_global_norm(1e-3).update(grads_at(p, i), optax.EmptyState())[0]
+    _, s1, h1 = run(clip, params, 5)
+    _, s2, h2 = run(base, params, 5, grad_fn=clip_g)
+    for a, b in zip(h1, h2):
+        close(a["u"], b["u"])
+    assert int(step_switch_step(s1)) == 3
+    # inject_hyperparams: learning rate as state; other numeric args static
+    inj = optax.inject_hyperparams(step_adamw, static_args=nm_static_args(step_adamw))(
+        learning_rate=1e-2, **kw
+    )
+    _, s3, h3 = run(inj, params, 5)
+    for a, b in zip(h3, run(base, params, 5)[2]):
+        close(a["u"], b["u"], rtol=1e-5)
+    assert int(step_phase(s3)) == 1
+    st = inj.init(params)
+    st.hyperparams["learning_rate"] = jnp.asarray(2e-2)
+    u2, _ = inj.update(grads_at(params, 0), st, params)
+    u1, _ = base.update(grads_at(params, 0), base.init(params), params)
+    close(u2, jax.tree.map(lambda x: 2 * x, u1), rtol=1e-5)
+    # MultiSteps: the inner STEP state advances every k mini-steps on the mean gradient
+    ms = optax.MultiSteps(step_adamw(1e-2, **kw), every_k_schedule=2)
+    _, s4, h4 = run(ms, params, 6)
+    assert int(inner(s4).count) == 3 and int(step_switch_step(s4)) == 3
+    mean_g = lambda p, i: jax.tree.map(lambda a, b: (a + b) / 2, grads_at(p, 2 * i), grads_at(p, 2 * i + 1))
+    # on the mini-steps that apply, the update equals STEP on the averaged gradient (params fixed in between)
+    ref_params = params
+    ref_state = base.init(params)
+    for k in range(3):
+        u_ref, ref_state = base.update(mean_g(ref_params, k), ref_state, ref_params)
+        close(h4[2 * k + 1]["u"], u_ref, rtol=1e-5)
+        ref_params = optax.apply_updates(ref_params, u_ref)
+
+
+def test_bad_arguments():
+    params = make_params()
+    with pytest.raises(ValueError, match="1 <= n <= m"):
+        step_adamw(1e-3, n=5, m=4, switch_eps=0.0, t_min=0, t_max=1)
+    with pytest.raises(ValueError, match="t_min=10 must be <= t_max=5"):
+        step_adamw(1e-3, switch_eps=0.0, t_min=10, t_max=5)
+    with pytest.raises(TypeError):
+        step_adamw(1e-3, t_min=0, t_max=5)  # switch_eps is required
+    with pytest.raises(ValueError, match="statistic"):
+        step_adamw(1e-3, switch_eps=0.0, t_min=0, t_max=5, statistic="median")
+    forced = step_adamw(1e-3, m=4, switch_eps=0.0, t_min=0, t_max=5, sparsify=lambda p, x: x.ndim >= 2)
+    with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\]: shape \(5, 8\) has length 5 on axis 0"):
+        forced.init(params)
+    tx = step_adamw(1e-3, switch_eps=0.0, t_min=0, t_max=5)
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(params, tx.init(params))
+    with pytest.raises(ValueError, match="no parameter was selected"):
+        tx.init({"bias": jnp.zeros(4)})
+    with pytest.raises(ValueError, match="no N:M optimizer state"):
+        sparse_forward_params(params, optax.adam(1e-3).init(params))
