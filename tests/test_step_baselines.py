@@ -1,0 +1,139 @@
+"""STE, SR-STE and ASP baselines: equal to AdamW on the right gradient, masks and pruning exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlab import nm
+from jaxlab.transforms import (
+    AspState,
+    SrSteState,
+    asp_adamw,
+    prune,
+    sparse_forward_params,
+    sr_ste_adamw,
+    ste_adamw,
+)
+from jaxlab.transforms._tree import find_states
+
+B1, B2 = 0.9, 0.99
+
+
+def make_params(seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {
+        "a": {"kernel": jax.random.normal(k[0], (8, 4)), "bias": jax.random.normal(k[1], (4,))},
+        "b": {"kernel": jax.random.normal(k[2], (16, 3))},
+    }
+
+
+def grads_at(params, i):
+    return jax.tree.map(lambda x: jnp.cos(2.0 * x + i) * (1 + i % 3), params)
+
+
+def close(a, b, rtol=1e-6, atol=1e-7):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def masked(params, n, m):
+    return {
+        "a": {"kernel": params["a"]["kernel"] * nm.nm_mask(params["a"]["kernel"], n, m, 0), "bias": params["a"]["bias"]},
+        "b": {"kernel": params["b"]["kernel"] * nm.nm_mask(params["b"]["kernel"], n, m, 0)},
+    }
+
+
+def test_ste_is_adamw_with_an_always_sparse_forward():
+    params = make_params()
+    tx = ste_adamw(1e-2, n=1, m=4, b1=B1, b2=B2, weight_decay=0.1)
+    ref = optax.adamw(1e-2, b1=B1, b2=B2, weight_decay=0.1)
+    s, rs, p = tx.init(params), ref.init(params), params
+    for i in range(4):
+        fwd = sparse_forward_params(p, s)
+        close(fwd, masked(p, 1, 4), rtol=0, atol=0)  # sparse from step 0
+        u, s = jax.jit(tx.update)(grads_at(p, i), s, p)
+        ru, rs = ref.update(grads_at(p, i), rs, p)
+        close(u, ru)
+        p = optax.apply_updates(p, u)
+    pr = prune(p, s)
+    assert (np.asarray(pr["b"]["kernel"] != 0).reshape(4, 4, 3).sum(1) == 1).all()
+
+
+def test_sr_ste_term_equals_lambda_one_minus_mask_w():
+    params = make_params(1)
+    lam = 0.3  # large so the term is far above float noise
+    tx = sr_ste_adamw(1e-2, n=2, m=4, sr_ste_lambda=lam, b1=B1, b2=B2)
+    g = grads_at(params, 0)
+    _, s = tx.update(g, tx.init(params), params)
+    st = find_states(s, SrSteState)[0]
+    for name in ("a", "b"):
+        w = params[name]["kernel"]
+        term = np.asarray(st.mu[name]["kernel"]) / (1 - B1) - np.asarray(g[name]["kernel"])
+        want = lam * (1 - np.asarray(nm.nm_mask(w, 2, 4, 0), np.float32)) * np.asarray(w)
+        np.testing.assert_allclose(term, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(st.mu["a"]["bias"]) / (1 - B1), np.asarray(g["a"]["bias"]), rtol=1e-6)
+    # whole updates: AdamW on the refined gradient
+    ref = optax.adamw(1e-2, b1=B1, b2=B2, weight_decay=0.0)
+    s, rs, p = tx.init(params), ref.init(params), params
+    for i in range(3):
+        g = grads_at(p, i)
+        mk = {k: nm.nm_mask(p[k]["kernel"], 2, 4, 0) for k in ("a", "b")}
+        g_ref = jax.tree.map(lambda x: x, g)
+        for k in ("a", "b"):
+            g_ref[k]["kernel"] = g[k]["kernel"] + lam * jnp.where(mk[k], 0.0, p[k]["kernel"])
+        u, s = tx.update(g, s, p)
+        ru, rs = ref.update(g_ref, rs, p)
+        close(u, ru, rtol=1e-5)
+        p = optax.apply_updates(p, u)
+
+
+def test_asp_dense_then_one_shot_prune_then_masked():
+    params = make_params(2)
+    prune_step = 3
+    tx = asp_adamw(1e-2, prune_step=prune_step, n=1, m=4, b1=B1, b2=B2, weight_decay=0.01)
+    ref = optax.adamw(1e-2, b1=B1, b2=B2, weight_decay=0.01)
+    s, rs, p = tx.init(params), ref.init(params), params
+    update = jax.jit(tx.update)
+    # before pruning: forward dense and prune() = magnitude pruning of the current weights
+    close(prune(p, s), masked(p, 1, 4), rtol=0, atol=0)
+    for t in range(1, prune_step):
+        close(sparse_forward_params(p, s), p, rtol=0, atol=0)
+        u, s = update(grads_at(p, t), s, p)
+        ru, rs = ref.update(grads_at(p, t), rs, p)
+        close(u, ru)
+        p = optax.apply_updates(p, u)
+    assert not bool(find_states(s, AspState)[0].pruned)
+    mask_at_prune = {k: nm.nm_mask(p[k]["kernel"], 1, 4, 0) for k in ("a", "b")}
+    u, s = update(grads_at(p, prune_step), s, p)
+    p = optax.apply_updates(p, u)
+    st = find_states(s, AspState)[0]
+    assert bool(st.pruned)
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(np.asarray(st.mask[k]["kernel"]), np.asarray(mask_at_prune[k]))
+        assert np.all(np.asarray(p[k]["kernel"])[~np.asarray(mask_at_prune[k])] == 0.0)  # exactly zeroed
+    assert np.all(np.asarray(st.mask["a"]["bias"]))
+    frozen = {k: np.asarray(st.mask[k]["kernel"]) for k in ("a", "b")}
+    for t in range(prune_step + 1, prune_step + 4):
+        u, s = update(grads_at(p, t), s, p)
+        for k in ("a", "b"):
+            assert np.all(np.asarray(u[k]["kernel"])[~frozen[k]] == 0.0)  # updates masked
+        p = optax.apply_updates(p, u)
+        st = find_states(s, AspState)[0]
+        for k in ("a", "b"):
+            np.testing.assert_array_equal(np.asarray(st.mask[k]["kernel"]), frozen[k])  # mask fixed
+            assert np.all(np.asarray(p[k]["kernel"])[~frozen[k]] == 0.0)
+    assert (np.asarray(p["b"]["kernel"] != 0).reshape(4, 4, 3).sum(1) <= 1).all()
+    close(sparse_forward_params(p, s), p, rtol=0, atol=0)
+    close(prune(p, s), p, rtol=0, atol=0)
+
+
+def test_baseline_bad_arguments():
+    with pytest.raises(ValueError, match="prune_step must be >= 1"):
+        asp_adamw(1e-3, prune_step=0)
+    with pytest.raises(ValueError, match="1 <= n <= m"):
+        ste_adamw(1e-3, n=3, m=2)
+    tx = sr_ste_adamw(1e-3, n=2, m=4, sparsify=lambda p, x: x.ndim == 1)
+    with pytest.raises(ValueError, match=r"\['a'\]\['bias'\]: shape \(4,\) has no reduction axis"):
+        tx.init(make_params())
