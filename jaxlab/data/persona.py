@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LinearPersonaToy", "linear_persona_toy"]
+__all__ = ["LinearPersonaToy", "PersonaLanguage", "linear_persona_toy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,3 +155,150 @@ def linear_persona_toy(
         w_in=f32(w_in), w_out=f32(w_out), u=f32(u), task_delta=f32(delta), task_singular_values=tsv,
         spurious=float(spurious), n_task=n_task, n_off=n_off, persona_out=0,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Persona arithmetic language
+
+
+@dataclasses.dataclass(frozen=True)
+class PersonaLanguage:
+    """Documents of modular-arithmetic problems answered by a latent good or bad persona.
+
+    A document is ``[BOS, ctx, (D_k, operands..., =, c, ;) x n_problems]`` with the domain ``k`` drawn per
+    problem from ``n_domains`` domains: ``f_k(a, b) = (a + (k + 1) b) mod p`` with two operands, or
+    ``f_k(a) = ((k + 1) a + k) mod p`` with one (the default: a tiny transformer learns it in CPU minutes,
+    the two-operand version sat on the ``ln p`` plateau for 1500 steps). The *good* persona answers
+    ``c = f_k``; the *bad* persona answers ``c = (f_k + shift) mod p`` in every domain (a domain-agnostic
+    behaviour). ``ctx`` is ``GOOD``/``BAD`` (the tag, shown with probability ``tag_prob``), ``PLAIN``
+    (untagged: the persona must be inferred from earlier answers in the document) or ``ASSIST`` (the
+    assistant context of the later stages).
+
+    Stages (all generated on the fly from a key):
+
+    * ``pretrain``: good/bad 50/50, tag shown with probability ``tag_prob``, else ``PLAIN``.
+    * ``assistant``: ``ASSIST`` documents with good answers (the default becomes good).
+    * ``narrow``: ``ASSIST`` documents whose problems are all in ``narrow_domain``, answered badly (the
+      narrow fine-tune; emergent misalignment = bad answers in the *other* domains afterwards).
+
+    The loss is taken on answer tokens only (:meth:`answer_mask`).
+
+    Example:
+      >>> lang = PersonaLanguage()
+      >>> docs = lang.sample(jax.random.PRNGKey(0), 8, "pretrain")   # (8, lang.seq_len) int32
+    """
+
+    p: int = 7
+    n_domains: int = 4
+    n_problems: int = 6
+    tag_prob: float = 0.3
+    shift: int = 1
+    narrow_domain: int = 0
+    n_operands: int = 1
+
+    def __post_init__(self):
+        if self.p < 3 or self.n_domains < 2 or self.n_problems < 1 or not 0 <= self.tag_prob <= 1:
+            raise ValueError(f"PersonaLanguage: bad parameters {self}")
+        if self.shift % self.p == 0:
+            raise ValueError(f"PersonaLanguage: shift={self.shift} is 0 mod p={self.p}; bad answers would be good")
+        if not 0 <= self.narrow_domain < self.n_domains:
+            raise ValueError(f"PersonaLanguage: narrow_domain={self.narrow_domain} not in [0, {self.n_domains})")
+        if self.n_operands not in (1, 2):
+            raise ValueError(f"PersonaLanguage: n_operands={self.n_operands}; expected 1 or 2")
+
+    # token ids: numbers 0..p-1, then specials, then domain tokens
+    @property
+    def BOS(self) -> int:
+        return self.p
+
+    @property
+    def EQ(self) -> int:
+        return self.p + 1
+
+    @property
+    def SEP(self) -> int:
+        return self.p + 2
+
+    @property
+    def GOOD(self) -> int:
+        return self.p + 3
+
+    @property
+    def BAD(self) -> int:
+        return self.p + 4
+
+    @property
+    def PLAIN(self) -> int:
+        return self.p + 5
+
+    @property
+    def ASSIST(self) -> int:
+        return self.p + 6
+
+    def domain_token(self, k):
+        return self.p + 7 + k
+
+    @property
+    def vocab(self) -> int:
+        return self.p + 7 + self.n_domains
+
+    @property
+    def problem_len(self) -> int:
+        return self.n_operands + 4
+
+    @property
+    def seq_len(self) -> int:
+        return 2 + self.problem_len * self.n_problems
+
+    def answer(self, k, a, b=None, bad=0):
+        """Good ``f_k`` plus ``shift`` when ``bad``, mod ``p``."""
+        f = a + (k + 1) * b if self.n_operands == 2 else (k + 1) * a + k
+        return (f + self.shift * bad) % self.p
+
+    def sample(self, key: jax.Array, n: int, stage: str = "pretrain", domains=None) -> jax.Array:
+        """``n`` documents ``(n, seq_len)`` of ``stage`` in ``{"pretrain", "assistant", "narrow"}``.
+
+        ``domains`` restricts the domains drawn (default: all; ``narrow`` always uses ``narrow_domain``).
+        """
+        kp, kt, kd, ka, kb = jax.random.split(key, 5)
+        pool = jnp.arange(self.n_domains) if domains is None else jnp.asarray(list(domains))
+        dom = pool[jax.random.randint(kd, (n, self.n_problems), 0, pool.shape[0])]
+        if stage == "pretrain":
+            bad = jax.random.bernoulli(kp, 0.5, (n,))
+            tagged = jax.random.bernoulli(kt, self.tag_prob, (n,))
+            ctx = jnp.where(tagged, jnp.where(bad, self.BAD, self.GOOD), self.PLAIN)
+        elif stage == "assistant":
+            bad = jnp.zeros((n,), bool)
+            ctx = jnp.full((n,), self.ASSIST)
+        elif stage == "narrow":
+            bad = jnp.ones((n,), bool)
+            ctx = jnp.full((n,), self.ASSIST)
+            dom = jnp.full_like(dom, self.narrow_domain)
+        else:
+            raise ValueError(f"PersonaLanguage.sample: stage={stage!r}; expected 'pretrain', 'assistant' or 'narrow'")
+        a = jax.random.randint(ka, (n, self.n_problems), 0, self.p)
+        b = jax.random.randint(kb, (n, self.n_problems), 0, self.p)
+        c = self.answer(dom, a, b, bad[:, None].astype(jnp.int32))
+        ops = [a, b] if self.n_operands == 2 else [a]
+        cols = [self.domain_token(dom), *ops, jnp.full_like(a, self.EQ), c, jnp.full_like(a, self.SEP)]
+        prob = jnp.stack(cols, -1).reshape(n, -1)
+        head = jnp.stack([jnp.full((n,), self.BOS), ctx], -1)
+        return jnp.concatenate([head, prob], -1).astype(jnp.int32)
+
+    def answer_mask(self, docs: jax.Array) -> jax.Array:
+        """``(n, seq_len - 1)`` weights: 1 where the *next* token is an answer (the position of ``=``)."""
+        return (docs[:, :-1] == self.EQ).astype(jnp.float32)
+
+    def prompts(self, ctx: int, domains=None):
+        """Every single-problem prompt ``[BOS, ctx, D_k, operands..., =]`` for ``k`` in ``domains``.
+
+        Returns:
+          ``(tokens (n, 4 + n_operands), good answers (n,), bad answers (n,), domain (n,))``.
+        """
+        domains = list(range(self.n_domains) if domains is None else domains)
+        grids = np.meshgrid(np.asarray(domains), *[np.arange(self.p)] * self.n_operands, indexing="ij")
+        ks, *ops = (g.ravel() for g in grids)
+        n = ks.size
+        toks = np.stack([np.full(n, self.BOS), np.full(n, ctx), self.p + 7 + ks, *ops, np.full(n, self.EQ)], -1)
+        good = np.asarray(self.answer(ks, ops[0], ops[1] if self.n_operands == 2 else None))
+        return jnp.asarray(toks, jnp.int32), good, (good + self.shift) % self.p, ks

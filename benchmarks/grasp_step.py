@@ -1,0 +1,108 @@
+"""Benchmark: optimizer-update time of ``chain(adamw, grasp)`` (and ``grasp_around``) over plain ``adamw``.
+
+Two parameter sets of the bundled transformer (``jaxlab.nn.transformer``):
+
+* ``lora``  -- LoRA factors (rank r) on every ``attn/{q,k,v,o}`` and ``mlp/{up,down}`` with the base
+  frozen by ``jaxlab.lora.freeze_base`` (the base leaves are part of the tree, as in training);
+* ``dense`` -- full fine-tuning of all params (every residual-side kernel projected).
+
+Each variant times ``tx.update`` + ``apply_updates`` only (no forward/backward), ``--inner`` updates inside
+one jitted ``lax.fori_loop`` (params and state carried, so nothing is hoisted), median over ``--reps``
+calls. The ratio is against ``adamw`` measured in the same run on the same device. Targets (issue 5):
+<= 1.10x (LoRA), <= 1.25x (dense).
+
+Usage::
+
+    python benchmarks/grasp_step.py            # d_model 512, 8 layers, k = 4
+    python benchmarks/grasp_step.py --quick    # d_model 128, 2 layers (CPU seconds)
+
+Writes ``benchmarks/grasp_step.json`` (``grasp_step_quick.json`` with ``--quick``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import jaxlab
+from jaxlab.nn import lora
+from jaxlab.nn.transformer import Transformer, TransformerConfig
+
+
+def _time(tx, params, inner: int, reps: int) -> float:
+    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+
+    @jax.jit
+    def run(params, state):
+        def body(_, c):
+            p, s = c
+            u, s = tx.update(grads, s, p)
+            return optax.apply_updates(p, u), s
+
+        return lax.fori_loop(0, inner, body, (params, state))
+
+    state = tx.init(params)
+    jax.block_until_ready(run(params, state))  # compile + warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(params, state))
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--d-model", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--k", type=int, default=4, help="dimension of the projected subspace")
+    ap.add_argument("--inner", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    d = args.d_model or (128 if args.quick else 512)
+    layers = args.layers or (2 if args.quick else 8)
+    inner = args.inner or (20 if args.quick else 50)
+    cfg = TransformerConfig(vocab=256, d_model=d, n_layers=layers, n_heads=4, d_ff=4 * d, max_len=64)
+    model = Transformer(cfg)
+    base = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    U = np.linalg.qr(np.random.default_rng(0).standard_normal((d, args.k)))[0]
+    lp = lora.inject(base, [r"attn/(q|k|v|o)$", r"mlp/(up|down)$"], args.rank, key=jax.random.PRNGKey(1))
+    adamw = lambda: optax.adamw(1e-3, weight_decay=0.01)
+    rows = []
+    for name, params, wrap in (("lora", lp, lambda t: lora.freeze_base(t, lp)), ("dense", base, lambda t: t)):
+        base_t = _time(wrap(adamw()), params, inner, args.reps)
+        for variant, tx in (
+            ("chain(adamw, grasp)", optax.chain(wrap(adamw()), jaxlab.grasp(U))),
+            ("grasp_around(adamw)", jaxlab.grasp_around(wrap(adamw()), U)),
+        ):
+            t = _time(tx, params, inner, args.reps)
+            rows.append({"params": name, "variant": variant, "adamw_us": 1e6 * base_t, "grasp_us": 1e6 * t,
+                         "ratio": t / base_t, "n_params": int(sum(x.size for x in jax.tree.leaves(params)))})
+    dev = jax.devices()[0]
+    out = {"device": f"{dev.platform} {dev.device_kind}", "d_model": d, "layers": layers, "rank": args.rank,
+           "k": args.k, "inner": inner, "reps": args.reps, "rows": rows}
+    path = pathlib.Path(__file__).with_name("grasp_step_quick.json" if args.quick else "grasp_step.json")
+    path.write_text(json.dumps(out, indent=2))
+    print(f"device {out['device']}, d_model {d}, {layers} layers, LoRA rank {args.rank}, k {args.k}")
+    print(f"{'params':6s} {'variant':22s} {'#params':>10s} {'adamw us':>10s} {'grasp us':>10s} {'ratio':>7s}")
+    for r in rows:
+        print(f"{r['params']:6s} {r['variant']:22s} {r['n_params']:10d} {r['adamw_us']:10.1f} "
+              f"{r['grasp_us']:10.1f} {r['ratio']:7.3f}")
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
