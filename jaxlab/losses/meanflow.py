@@ -315,7 +315,11 @@ def meanflow_loss(
 
     (``w_i`` the stop-gradient adaptive weights, r != t rows only, psum'ed over ``axis_name``) minimises
     ``sum_i w_i ||(I - lam A_i) epshat_i||^2``; with an exact ``vhat`` it converges to the control-variate
-    optimum ``E tr(A Sigma) / E tr(A Sigma A^T)`` (see :func:`jaxlab.gmm_oracle`). The EMA lives in the loss
+    optimum ``E tr(A Sigma) / E tr(A Sigma A^T)`` (see :func:`jaxlab.gmm_oracle`). With an inexact ``vhat``
+    (``delta = vhat - v != 0``, e.g. the boundary default) it converges to
+    ``(E tr(A Sigma) + E delta^T A delta) / (E tr(A Sigma A^T) + E ||A delta||^2)``, which is not the exact
+    target-MSE minimiser (that has ``E ||A delta||^2`` in the numerator): the estimator cannot see ``delta``.
+    :meth:`GMMOracle.estimator_limit_from_terms` computes this limit. The EMA lives in the loss
     state, which is *passed in and returned*::
 
         state = meanflow_init_state(cfg)

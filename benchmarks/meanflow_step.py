@@ -1,0 +1,132 @@
+"""Benchmark: MeanFlow train-step time divided by the flow-matching train-step time on the same DiT.
+
+One run, one device, one model (``jaxlab.nn.DiT``), one batch. Every variant is a full jitted train step
+(``value_and_grad`` + Adam update):
+
+* ``flow_matching`` -- ``jaxlab.flow_matching_loss`` (no JVP; the baseline of every ratio),
+* ``meanflow lam=1.0`` -- original MeanFlow: one ``jax.jvp`` on the r != t rows, no vhat forward,
+* ``meanflow lam=0.5`` -- fixed coefficient: one ``jax.jvp`` + the boundary ``u(z, t, t)`` forward,
+* ``meanflow auto`` -- two tangents on one linearisation (vmapped ``jax.jvp``) + the boundary forward,
+
+each at ``flow_matching_fraction`` 0.75 (the MeanFlow default: JVP on a quarter of the batch) and 0.0
+(JVP on every row, the worst case). Targets (issue 3): <= 1.6x for fixed coefficients, <= 2.0x for auto,
+at the default fraction.
+
+Timing: ``--inner`` steps per timed call inside one jitted ``lax.fori_loop`` (Python dispatch amortised);
+the median over ``--reps`` calls, after one warm-up call, is reported.
+
+Usage::
+
+    python benchmarks/meanflow_step.py            # DiT-S-like size on the default device
+    python benchmarks/meanflow_step.py --quick    # small DiT on CPU (a minute)
+
+Writes ``benchmarks/meanflow_step.json`` (``meanflow_step_quick.json`` with ``--quick``) next to this
+file and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlab.losses import MeanFlowConfig, flow_matching_loss, meanflow_init_state, meanflow_loss
+from jaxlab.nn import DiT
+
+
+def make_step(model, tx, kind: str, cfg: MeanFlowConfig | None):
+    def loss(params, x, key, st):
+        if kind == "fm":
+            l, _ = flow_matching_loss(model.apply, params, x, key)
+            return l, st
+        l, aux = meanflow_loss(model.apply, params, x, key, config=cfg, loss_state=st)
+        return l, aux["loss_state"]
+
+    def one(i, carry):
+        params, opt, st, x, key = carry
+        (l, st), g = jax.value_and_grad(loss, has_aux=True)(params, x, jax.random.fold_in(key, i), st)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, st, x, key
+
+    return one
+
+
+def time_variant(model, params, x, kind, cfg, inner, reps):
+    tx = optax.adam(1e-4)
+    st = meanflow_init_state(cfg) if cfg is not None else {}
+    one = make_step(model, tx, kind, cfg)
+    run = jax.jit(lambda carry: jax.lax.fori_loop(0, inner, one, carry))
+    carry = (params, tx.init(params), st, x, jax.random.PRNGKey(0))
+    jax.block_until_ready(run(carry))  # compile + warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(carry))
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small DiT, CPU-sized")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--image", type=int, default=None, help="image side (square, 4 channels unless --quick)")
+    p.add_argument("--inner", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        size = dict(patch=2, hidden=64, depth=3, heads=4, time_dim=32)
+        batch, side, ch, inner, reps = args.batch or 64, args.image or 8, 1, args.inner or 5, args.reps or 5
+    else:  # DiT-S/2-like on 32x32x4 latents
+        size = dict(patch=2, hidden=384, depth=12, heads=6, time_dim=256)
+        batch, side, ch, inner, reps = args.batch or 64, args.image or 32, 4, args.inner or 10, args.reps or 5
+    model = DiT(time_scale=1.0, **size)
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch, side, side, ch))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:2], jnp.zeros(2), jnp.zeros(2))
+
+    variants = [("flow_matching", "fm", None, None)]
+    for frac in (0.75, 0.0):
+        for lam in (1.0, 0.5, "auto"):
+            variants.append((f"meanflow lam={lam} fraction={frac}", "mf",
+                             MeanFlowConfig(jvp_cond_weight=lam, flow_matching_fraction=frac), (lam, frac)))
+    rows = []
+    base = None
+    for name, kind, cfg, meta in variants:
+        sec = time_variant(model, params, x, kind, cfg, inner, reps)
+        base = sec if base is None else base
+        target = None
+        if meta is not None and meta[1] == 0.75:
+            target = 2.0 if meta[0] == "auto" else 1.6
+        rows.append({"variant": name, "ms_per_step": 1e3 * sec, "ratio_vs_flow_matching": sec / base,
+                     "target": target, "meets_target": None if target is None else sec / base <= target})
+    result = {
+        "device": str(jax.devices()[0]),
+        "backend": jax.default_backend(),
+        "quick": args.quick,
+        "model": {"DiT": size, "batch": batch, "image": [side, side, ch]},
+        "inner": inner,
+        "reps": reps,
+        "command": "python benchmarks/meanflow_step.py" + (" --quick" if args.quick else ""),
+        "rows": rows,
+    }
+    here = pathlib.Path(__file__).resolve().parent
+    out = pathlib.Path(args.out) if args.out else here / ("meanflow_step_quick.json" if args.quick else "meanflow_step.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"device: {result['device']}  DiT {size}  batch {batch}  image {side}x{side}x{ch}")
+    print(f"{'variant':40s} {'ms/step':>10s} {'x FM':>7s} {'target':>7s}")
+    for r in rows:
+        tgt = "" if r["target"] is None else f"<={r['target']:.1f}" + (" ok" if r["meets_target"] else " MISS")
+        print(f"{r['variant']:40s} {r['ms_per_step']:10.2f} {r['ratio_vs_flow_matching']:7.2f} {tgt:>7s}")
+    print(f"written: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
