@@ -47,6 +47,23 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def apply_sets(cfg: dict, sets: list[str]) -> dict:
+    """Apply ``--set a.b=value`` overrides (values parsed as YAML); unknown keys are an error."""
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        node, parts = cfg, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise SystemExit(f"--set {key}: no section {part!r} in config.yaml")
+            node = node[part]
+        if parts[-1] not in node:
+            raise SystemExit(f"--set {key}: unknown key; known: {sorted(node)}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return cfg
+
+
 def load_config(quick: bool) -> dict:
     cfg = yaml.safe_load((HERE / "config.yaml").read_text())
     quick_over = cfg.pop("quick", {})
@@ -210,8 +227,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default="runs/meanflow_2d")
     p.add_argument("--datasets", nargs="*", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config.yaml entry, e.g. --set model.time_scale=1000.0")
     args = p.parse_args(argv)
-    cfg = load_config(args.quick)
+    cfg = apply_sets(load_config(args.quick), args.set)
     if args.seeds:
         cfg["seeds"] = args.seeds
     if args.steps:
@@ -268,7 +287,7 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ report
     cmd = "jaxlab reproduce meanflow_2d" + (" --quick" if args.quick else "") + (
-        f" --seeds {args.seeds}" if args.seeds else "") + (f" --steps {args.steps}" if args.steps else "")
+        f" --seeds {args.seeds}" if args.seeds else "") + (f" --steps {args.steps}" if args.steps else "") + "".join(f" --set {x}" for x in args.set)
     m_, t_ = cfg["model"], cfg["train"]
     lines = [
         "# MeanFlow jvp_cond_weight sweep on toy 2D data",
