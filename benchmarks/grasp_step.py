@@ -3,12 +3,14 @@
 Two parameter sets of the bundled transformer (``jaxlab.nn.transformer``):
 
 * ``lora``  -- LoRA factors (rank r) on every ``attn/{q,k,v,o}`` and ``mlp/{up,down}`` with the base
-  frozen by ``jaxlab.lora.freeze_base`` (the base leaves are part of the tree, as in training);
+  frozen by ``jaxlab.lora.freeze_base`` (the base leaves are part of the tree, as in training; GRASP
+  with ``only=("lora_a", "lora_b")`` so the zero updates of frozen kernels are not projected);
 * ``dense`` -- full fine-tuning of all params (every residual-side kernel projected).
 
 Each variant times ``tx.update`` + ``apply_updates`` only (no forward/backward), ``--inner`` updates inside
 one jitted ``lax.fori_loop`` (params and state carried, so nothing is hoisted), median over ``--reps``
-calls. The ratio is against ``adamw`` measured in the same run on the same device. Targets (issue 5):
+calls, the variants interleaved within each repetition. The ratio is against ``adamw`` measured in the
+same run on the same device. Targets (issue 5):
 <= 1.10x (LoRA), <= 1.25x (dense).
 
 Usage::
@@ -39,7 +41,7 @@ from jaxlab.nn import lora
 from jaxlab.nn.transformer import Transformer, TransformerConfig
 
 
-def _time(tx, params, inner: int, reps: int) -> float:
+def _runner(tx, params, inner: int):
     grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
 
     @jax.jit
@@ -53,12 +55,19 @@ def _time(tx, params, inner: int, reps: int) -> float:
 
     state = tx.init(params)
     jax.block_until_ready(run(params, state))  # compile + warm up
-    times = []
+    return lambda: jax.block_until_ready(run(params, state))
+
+
+def _time_interleaved(runners: dict, inner: int, reps: int) -> dict:
+    """Median seconds per update of each runner; the runners alternate within every repetition so slow
+    phases of a shared machine hit all of them alike."""
+    times = {k: [] for k in runners}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(params, state))
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
+        for k, r in runners.items():
+            t0 = time.perf_counter()
+            r()
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -81,13 +90,16 @@ def main(argv=None) -> int:
     lp = lora.inject(base, [r"attn/(q|k|v|o)$", r"mlp/(up|down)$"], args.rank, key=jax.random.PRNGKey(1))
     adamw = lambda: optax.adamw(1e-3, weight_decay=0.01)
     rows = []
-    for name, params, wrap in (("lora", lp, lambda t: lora.freeze_base(t, lp)), ("dense", base, lambda t: t)):
-        base_t = _time(wrap(adamw()), params, inner, args.reps)
-        for variant, tx in (
-            ("chain(adamw, grasp)", optax.chain(wrap(adamw()), jaxlab.grasp(U))),
-            ("grasp_around(adamw)", jaxlab.grasp_around(wrap(adamw()), U)),
-        ):
-            t = _time(tx, params, inner, args.reps)
+    for name, params, wrap, only in (("lora", lp, lambda t: lora.freeze_base(t, lp), ("lora_a", "lora_b")),
+                                     ("dense", base, lambda t: t, None)):
+        txs = {
+            "adamw": wrap(adamw()),
+            "chain(adamw, grasp)": optax.chain(wrap(adamw()), jaxlab.grasp(U, only=only)),
+            "grasp_around(adamw)": jaxlab.grasp_around(wrap(adamw()), U, only=only),
+        }
+        t_all = _time_interleaved({k: _runner(tx, params, inner) for k, tx in txs.items()}, inner, args.reps)
+        base_t = t_all.pop("adamw")
+        for variant, t in t_all.items():
             rows.append({"params": name, "variant": variant, "adamw_us": 1e6 * base_t, "grasp_us": 1e6 * t,
                          "ratio": t / base_t, "n_params": int(sum(x.size for x in jax.tree.leaves(params)))})
     dev = jax.devices()[0]

@@ -319,3 +319,11 @@ def test_side_rules_override_and_default():
     o = s.override({r"attn/q$": None, r"adapter$": "writer"})
     assert o.side_of("block_0/attn/q") is None and o.side_of("x/adapter") == "writer"
     assert o.side_of("block_0/attn/k") == "reader"
+
+
+def test_only_restricts_projected_leaf_names():
+    U = np.eye(3)[:, :1]
+    upd = {"attn": {"o": {"kernel": jnp.ones((2, 3)), "lora_b": jnp.ones((1, 3))}}}
+    out, _ = _apply(jaxlab.grasp(U, only=("lora_a", "lora_b")), upd)
+    np.testing.assert_array_equal(out["attn"]["o"]["kernel"], np.ones((2, 3)))
+    np.testing.assert_allclose(out["attn"]["o"]["lora_b"], [[0.0, 1.0, 1.0]])

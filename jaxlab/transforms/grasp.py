@@ -206,7 +206,9 @@ def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool,
     return out
 
 
-def grasp(subspace, sides=None, *, beta: float = 1.0, strict: bool = True) -> optax.GradientTransformationExtraArgs:
+def grasp(
+    subspace, sides=None, *, beta: float = 1.0, strict: bool = True, only: tuple[str, ...] | None = None
+) -> optax.GradientTransformationExtraArgs:
     """GRASP as an Optax transform: project updates off ``span(U)`` on each leaf's residual axis.
 
     .. math::
@@ -225,6 +227,8 @@ def grasp(subspace, sides=None, *, beta: float = 1.0, strict: bool = True) -> op
         ``pattern -> side`` overrides them; or a :class:`~jaxlab.transforms.residual_sides.ResidualSides`).
       beta: projection strength in ``[0, 1]`` (1: hard projection; idempotent only at 0 or 1).
       strict: raise when no leaf matches a side (a likely misconfiguration).
+      only: project only leaves with these names, e.g. ``("lora_a", "lora_b")`` when the base kernels are
+        frozen (their updates are zero; skipping them saves the work).
 
     Returns:
       ``optax.GradientTransformationExtraArgs`` with state :class:`GraspState`.
@@ -245,19 +249,20 @@ def grasp(subspace, sides=None, *, beta: float = 1.0, strict: bool = True) -> op
 
     def init_fn(params):
         # Validate the sides against the param shapes early (trace-time only, no compute kept).
-        jax.eval_shape(lambda p: _map_projected(p, basis, sides, beta, strict=strict, who="grasp"), params)
+        jax.eval_shape(lambda p: _map_projected(p, basis, sides, beta, only=only, strict=strict, who="grasp"), params)
         return GraspState(count=jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        new = _map_projected(updates, basis, sides, beta, strict=strict, who="grasp")
+        new = _map_projected(updates, basis, sides, beta, only=only, strict=strict, who="grasp")
         return new, GraspState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def grasp_around(
-    inner: optax.GradientTransformation, subspace, sides=None, *, beta: float = 1.0
+    inner: optax.GradientTransformation, subspace, sides=None, *, beta: float = 1.0,
+    only: tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``optax.chain(grasp(U), inner, grasp(U))``: project the gradient before the optimizer and the update after.
 
@@ -271,7 +276,7 @@ def grasp_around(
 
     Args:
       inner: the optimizer, e.g. ``optax.adamw(lr, weight_decay=wd)`` (or ``jaxlab.lora.freeze_base(...)``).
-      subspace, sides, beta: as in :func:`grasp`.
+      subspace, sides, beta, only: as in :func:`grasp`.
 
     Returns:
       The chained transformation.
@@ -279,7 +284,7 @@ def grasp_around(
     Example:
       >>> tx = grasp_around(optax.adamw(1e-3, weight_decay=0.1), result, sides)
     """
-    g = grasp(subspace, sides, beta=beta)
+    g = grasp(subspace, sides, beta=beta, only=only)
     return optax.chain(g, inner, g)
 
 
