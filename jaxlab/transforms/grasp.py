@@ -237,6 +237,9 @@ def grasp(
       ValueError: a leaf's residual axis does not have length ``d_model`` (message names the leaf, its
         shape and the expected width), bad ``beta``, bad basis shape.
 
+    When the data keep pushing along ``U`` (the usual case: the spurious behaviour is in the targets),
+    prefer :func:`grasp_around`, which also projects the gradient before the optimizer.
+
     Example:
       >>> tx = optax.chain(optax.adamw(1e-3, weight_decay=0.1), grasp(result, {r"w_in$": "writer"}))
       >>> params = grasp_init_params(params, result, {r"w_in$": "writer"})   # LoRA: project A0 once
