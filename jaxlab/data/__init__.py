@@ -1,6 +1,6 @@
 """Datasets: toy 2D distributions (and, from the method issues, text corpora and persona language)."""
 
-from jaxlab.data.persona import LinearPersonaToy, linear_persona_toy
+from jaxlab.data.persona import LinearPersonaToy, PersonaLanguage, linear_persona_toy
 from jaxlab.data.toy2d import (
     TOY2D_DATASETS,
     GaussianMixture,
@@ -22,7 +22,7 @@ __all__ = [
     "toy2d_sampler",
     "two_moons",
 ]
-__all__ += ["LinearPersonaToy", "linear_persona_toy"]
+__all__ += ["LinearPersonaToy", "PersonaLanguage", "linear_persona_toy"]
 
 from jaxlab.data.text import TextCorpus, eval_windows, load_stdlib_corpus, random_windows, stdlib_files
 
