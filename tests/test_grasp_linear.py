@@ -102,3 +102,21 @@ def test_rerouting_through_trainable_readout_is_a_known_limitation(strong):
     dw_in, dw_out = np.asarray(m["w_in"]["kernel"] - toy.w_in), np.asarray(m["w_out"]["kernel"] - toy.w_out)
     assert np.linalg.norm(dw_in @ U) < 1e-5 * np.linalg.norm(dw_in)
     assert np.linalg.norm(U.T @ dw_out) < 1e-5 * np.linalg.norm(dw_out)
+
+
+@pytest.mark.slow
+def test_experiment_quick_reproduces_the_table(tmp_path):
+    """`jaxlab reproduce grasp_linear --quick`: GRASP removes the drift, rerouting keeps it (slow)."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "grasp_linear" / "run.py"
+    main = runpy.run_path(str(script))["main"]
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    m = res["methods"][0]
+    assert m["naive"]["drift"] > 0.9 and abs(m["GRASP"]["drift"]) < 0.05
+    assert m["GRASP"]["task_mse"] < 0.01 and abs(m["GRASP"]["content"] - 1) < 0.05
+    assert res["reroute"][0]["GRASP"]["drift"] > 0.5
+    assert (tmp_path / "report.md").exists() and (tmp_path / "grasp_linear.png").exists()
