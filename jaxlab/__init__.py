@@ -10,6 +10,8 @@ from jaxlab.losses import *
 from jaxlab.metrics import *
 from jaxlab.transforms import *
 from jaxlab.training import *
+from jaxlab.kernels import nm_matmul, nm_matmul_reference
+from jaxlab.nn import NMDense, LoRADense, lora
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,5 @@ __all__ = (
     + list(metrics.__all__)
     + list(transforms.__all__)
     + list(training.__all__)
+    + ["lora", "LoRADense", "NMDense", "nm_matmul", "nm_matmul_reference"]
 )
