@@ -55,6 +55,10 @@ def test_windows(corpus):
     ev = eval_windows(corpus.val, 64, max_windows=5)
     assert ev.shape == (5, 64)
     np.testing.assert_array_equal(ev.reshape(-1), corpus.val[:320])
+    sp = eval_windows(corpus.val, 64, max_windows=5, spread=True)
+    stride = (20_000 // 64) // 5
+    for i in range(5):
+        np.testing.assert_array_equal(sp[i], corpus.val[i * stride * 64 : (i * stride + 1) * 64])
 
 
 def test_errors():

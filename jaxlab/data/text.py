@@ -181,11 +181,22 @@ def random_windows(data, key: jax.Array, batch: int, seq_len: int) -> jax.Array:
     return data[idx].astype(jnp.int32)
 
 
-def eval_windows(data, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """Deterministic non-overlapping windows ``(W, seq_len)`` from the start of ``data`` (``int32``)."""
-    n = int(np.shape(data)[0]) // seq_len
-    if n < 1:
+def eval_windows(data, seq_len: int, max_windows: int | None = None, *, spread: bool = False) -> np.ndarray:
+    """Deterministic non-overlapping windows ``(W, seq_len)`` of ``data`` as ``int32``.
+
+    Args:
+      data: 1-D byte array.
+      seq_len: window length.
+      max_windows: cap on ``W``.
+      spread: take the ``W`` windows evenly spaced over the whole array (window ``i`` starts at
+        ``(i * (total // W)) * seq_len``) instead of the first ``W`` consecutive ones, so a small
+        evaluation set covers every file of the split.
+    """
+    total = int(np.shape(data)[0]) // seq_len
+    if total < 1:
         raise ValueError(f"data of shape {np.shape(data)} holds no window of seq_len={seq_len}")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return np.asarray(data[: n * seq_len], np.int32).reshape(n, seq_len)
+    n = total if max_windows is None else min(total, max_windows)
+    blocks = np.asarray(data[: total * seq_len], np.int32).reshape(total, seq_len)
+    if spread:
+        return blocks[np.arange(n) * (total // n)]
+    return blocks[:n]

@@ -1,0 +1,44 @@
+"""Slow end-to-end checks: the STEP experiments' quick variants run and produce sane, complete outputs."""
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _main(name):
+    return runpy.run_path(str(ROOT / "experiments" / name / "run.py"), run_name=f"{name}_test")["main"]
+
+
+@pytest.mark.slow
+def test_step_digits_quick(tmp_path):
+    payload = _main("step_digits")(["--quick", "--seeds", "2", "--out", str(tmp_path)])
+    for f in ("report.md", "results.json", "digits.png"):
+        assert (tmp_path / f).exists()
+    res = {(r["method"], r["n"], r["m"]): r for r in payload["results"]}
+    assert len(res) == 13
+    assert np.mean(res[("dense", 2, 4)]["test_acc"]) > 0.9
+    for (meth, n, m), r in res.items():
+        if meth == "step":
+            t = payload["config"]["train"]["steps"]
+            assert all(1 <= s <= int(payload["config"]["step"]["t_max_frac"] * t) + 1 for s in r["switch_step"])
+        if meth in ("ste", "sr_ste", "step"):  # trained with the sparse forward: deployment is the same model
+            np.testing.assert_allclose(r["deployed_acc"], r["test_acc"])
+    assert json.loads((tmp_path / "results.json").read_text())["command"].startswith("jaxlab reproduce step_digits")
+
+
+@pytest.mark.slow
+def test_step_lm_quick(tmp_path):
+    payload = _main("step_lm")(["--quick", "--seeds", "2", "--out", str(tmp_path)])
+    for f in ("report.md", "results.json", "z_trace.png", "bpb_vs_sparsity.png"):
+        assert (tmp_path / f).exists()
+    res = {(r["method"], r["n"], r["m"]): r for r in payload["results"]}
+    dense = np.mean(res[("dense", 2, 4)]["val_bpb"])
+    assert dense < 8.0  # better than uniform over bytes
+    for (meth, _, _), r in res.items():
+        if meth in ("ste", "sr_ste", "step"):
+            np.testing.assert_allclose(r["deployed_bpb"], r["val_bpb"], rtol=1e-5)
