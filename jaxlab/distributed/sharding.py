@@ -111,17 +111,42 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_sh, mesh: Mesh):
-    """Shard optimizer-state leaves that mirror params like those params; replicate the rest."""
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_sh, mesh: Mesh, params=None):
+    """Shard optimizer-state leaves that mirror params like those params; replicate the rest.
+
+    A state leaf mirrors a param when its key path *ends with* the param's key path and the shapes
+    agree (``opt_state[0].mu['dense']['kernel']`` mirrors ``params['dense']['kernel']``). This works for
+    any transform, including ones whose ``init`` inspects the param tree (masks, LoRA freezing, GRASP,
+    STEP), which ``optax.tree_map_params``' placeholder trick cannot handle. ``tx`` is accepted for API
+    stability; ``params`` (abstract) gives the shapes, defaulting to the shardings' own tree structure.
+    """
+    del tx
     rep = replicated(mesh)
-    return optax.tree_map_params(
-        tx,
-        lambda _, sh: sh,
-        abstract_opt_state,
-        param_sh,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    sh_flat = jax.tree_util.tree_flatten_with_path(param_sh, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+    shapes = None
+    if params is not None:
+        shapes = [tuple(getattr(x, "shape", ())) for x in jax.tree.leaves(params)]
+    index: dict[tuple, list] = {}
+    for i, (path, sh) in enumerate(sh_flat):
+        key = tuple(jax.tree_util.keystr((k,)) for k in path)
+        index.setdefault(key, []).append((sh, None if shapes is None else shapes[i]))
+    lengths = sorted({len(k) for k in index}, reverse=True)
+
+    def pick(path, leaf):
+        keys = tuple(jax.tree_util.keystr((k,)) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for n in lengths:
+            if n > len(keys):
+                continue
+            for sh, pshape in index.get(keys[-n:], ()):
+                if pshape is None or pshape == shape:
+                    if len(sh.spec) <= len(shape) and all(
+                        ax is None or shape[i] % _axis_size(mesh, ax) == 0 for i, ax in enumerate(sh.spec)
+                    ):
+                        return sh
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -82,7 +82,7 @@ def state_shardings(state_abstract: TrainState, tx, mesh: Mesh, boxed_params=Non
     return TrainState(
         step=rep,
         params=p_sh,
-        opt_state=opt_state_shardings(tx, state_abstract.opt_state, p_sh, mesh),
+        opt_state=opt_state_shardings(tx, state_abstract.opt_state, p_sh, mesh, params=state_abstract.params),
         rng=rep,
         ema_params=p_sh if state_abstract.ema_params is not None else None,
         loss_state=jax.tree.map(lambda _: rep, state_abstract.loss_state),
