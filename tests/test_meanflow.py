@@ -103,6 +103,10 @@ def test_r_equals_t_reduces_to_flow_matching(model, batch):
     r_s, t_s = logit_normal_time_pairs(k_time, B, flow_matching_fraction=1.0)
     fm_s, _ = flow_matching_loss(m.apply, params, x, key, t=t_s, noise=jax.random.normal(k_noise, x.shape))
     np.testing.assert_allclose(loss, fm_s, rtol=1e-6)
+    # "auto" without any r != t row reports its current estimate (auto_init before statistics exist).
+    _, aux_a = meanflow_loss(m.apply, params, x, key, config=MeanFlowConfig(
+        jvp_cond_weight="auto", flow_matching_fraction=1.0, auto_init=0.7))
+    np.testing.assert_allclose(aux_a["jvp_cond_weight"], 0.7)
 
 
 def test_wrong_tangent_order_changes_loss(model, batch):

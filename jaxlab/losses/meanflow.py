@@ -268,6 +268,12 @@ def _check_inputs(x, t, r, noise, y, config):
         )
 
 
+def _auto_estimate(config, state):
+    """``clip(auto_num / auto_den, 0, 1)``, or ``auto_init`` before any statistics exist."""
+    ratio = state["auto_num"] / jnp.maximum(state["auto_den"], 1e-30)
+    return jnp.clip(jnp.where(state["auto_den"] > 0, ratio, config.auto_init), 0.0, 1.0)
+
+
 def _coefficient(config, state):
     lam = config.jvp_cond_weight
     if config.auto:
@@ -453,10 +459,7 @@ def meanflow_loss(
             aa = jnp.sum(jnp.reshape(a * a, (n_mf, -1)), -1)
             if config.auto:
                 # Weights at the previous estimate, then update the pooled EMA, then the target.
-                prev = jnp.where(state["auto_den"] > 0, state["auto_num"] / jnp.maximum(state["auto_den"], 1e-30),
-                                 config.auto_init)
-                prev = jnp.clip(prev, 0.0, 1.0)
-                wts = _sg(1.0 / (per_row(u_mf, T_of(prev)) + c) ** p)
+                wts = _sg(1.0 / (per_row(u_mf, T_of(_auto_estimate(config, state))) + c) ** p)
             else:
                 wts = _sg(1.0 / (per_row(u_mf, T_of(lam)) + c) ** p)
             num, den, cnt = jnp.sum(wts * dot), jnp.sum(wts * aa), jnp.asarray(n_mf, jnp.float32)
@@ -468,9 +471,7 @@ def meanflow_loss(
                 dcy = config.auto_ema_decay
                 new_state["auto_num"] = dcy * state["auto_num"] + (1 - dcy) * num
                 new_state["auto_den"] = dcy * state["auto_den"] + (1 - dcy) * den
-                lam = jnp.where(new_state["auto_den"] > 0,
-                                new_state["auto_num"] / jnp.maximum(new_state["auto_den"], 1e-30), config.auto_init)
-                lam = _sg(jnp.clip(lam, 0.0, 1.0))
+                lam = _sg(_auto_estimate(config, new_state))
             T_mf = T_of(lam)
             resid = epshat - lam * a
             rr = jnp.sum(jnp.reshape(resid * resid, (n_mf, -1)), -1)
@@ -497,7 +498,7 @@ def meanflow_loss(
         "mse": jnp.mean(sq),
         "mse_fm": jnp.sum(sq * eq) / jnp.maximum(n_e, 1.0),
         "mse_mf": jnp.sum(sq * (1 - eq)) / jnp.maximum(n_m, 1.0),
-        "jvp_cond_weight": jnp.asarray(jnp.nan if lam is None else lam, jnp.float32),
+        "jvp_cond_weight": jnp.asarray(_auto_estimate(config, state) if lam is None else lam, jnp.float32),
         "loss_state": new_state,
         **extra,
     }
