@@ -269,3 +269,6 @@ def _ensure_builtin() -> None:
     _BUILTIN_DONE = True
     register_model("velocity_mlp", _build_velocity_mlp, VelocityMLPOptions)
     register_task("flow_matching", _build_flow_matching, FlowMatchingOptions)
+    from jaxlab.training.method_tasks import register_method_tasks
+
+    register_method_tasks()
