@@ -183,6 +183,13 @@ def make_train_step(
     return sharded
 
 
+def _pmean_floats(tree, axis_name):
+    """``pmean`` the floating leaves; integer leaves (counters) are equal on every device and keep their dtype."""
+    return jax.tree.map(
+        lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x, tree
+    )
+
+
 def _local_step(loss_fn, tx, axis_name, forward_params_fn=None, has_loss_state=False):
     """A per-device step whose gradients (and loss-state updates) are averaged over ``axis_name``."""
 
@@ -202,7 +209,7 @@ def _local_step(loss_fn, tx, axis_name, forward_params_fn=None, has_loss_state=F
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)
-        new_ls = jax.lax.pmean(new_ls, axis_name)
+        new_ls = _pmean_floats(new_ls, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=new_ls)
