@@ -49,3 +49,28 @@ def test_data_parallel_traffic_is_one_gradient_allreduce(eight_devices):
     # ring all-reduce of every f32 gradient: 2 (n - 1) / n bytes per gradient byte, nothing else big
     assert rep["comm_bytes_per_device"]["all-reduce"] == pytest.approx(2 * 7 / 8 * grad_bytes, rel=0.01)
     assert set(rep["comm_bytes_per_device"]) == {"all-reduce"}
+
+
+@pytest.mark.parametrize("config", ["meanflow_2d", "step_lm", "grasp_lora_lm"])
+def test_dry_run_compiles_each_method_on_a_v5e8_mesh(config, eight_devices):
+    """One train step per method (MeanFlow loss state, STEP's two-phase state, LoRA + GRASP) compiles
+    for the v5e-8 overlay's FSDP mesh; moments of sharded params are sharded like them."""
+    from collections import Counter
+
+    from jaxlab.training.dry_run import dry_run_report
+
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", overlays=[ROOT / "tpu_configs/v5e-8.yaml"],
+                      sets=["out_dir=/tmp/jaxlab-dry-run"])
+    rep = dry_run_report(cfg)
+    assert rep["devices"] == 8 and rep["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert rep["flops_per_device"] > 0 and rep["memory_per_device_bytes"]["arguments"] > 0
+    assert rep["collectives"]["all-reduce"] + rep["collectives"]["reduce-scatter"] > 0
+    param_specs = Counter(spec for _, _, spec in rep["param_shardings"] if spec != "replicated")
+    assert param_specs, "FSDP sharded no parameter"
+    trained = {p for p, _, _ in rep["param_shardings"]}
+    if config == "grasp_lora_lm":
+        assert any(p.endswith("['lora_a']") for p in trained)  # LoRA injected; base frozen (no moments)
+    else:
+        # Adam-style mu and nu mirror every param, so every sharded spec appears at least twice as often
+        for spec, count in param_specs.items():
+            assert rep["opt_state_shardings"].get(spec, 0) >= 2 * count, (spec, rep["opt_state_shardings"])
