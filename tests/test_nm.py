@@ -190,3 +190,15 @@ def test_straight_through_forward_and_gradient():
     g_ref = jax.grad(f_masked)(w * mask)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6)
     assert np.count_nonzero(np.asarray(g)) == g.size
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 16), (3, 32)])
+def test_packed_pruned_bits_are_the_complement_of_the_mask(n, m):
+    from jaxlab.nm.masks import nm_pruned_bits, unpack_pruned
+
+    for shape, axis in (((2 * m, 5), 0), ((3, 2 * m, 4), 1), ((3, 3, 2 * m, 6), 2)):
+        w = jnp.round(jax.random.normal(jax.random.PRNGKey(m + axis), shape), 1)  # rounding creates ties
+        bits = nm_pruned_bits(w, n, m, axis)
+        assert bits.shape[axis] == shape[axis] // m and bits.dtype.itemsize * 8 >= m
+        np.testing.assert_array_equal(np.asarray(unpack_pruned(bits, m, axis, shape)),
+                                      ~np.asarray(nm.nm_mask(w, n, m, axis)))

@@ -130,11 +130,12 @@ def test_frozen_v_flags_bias_correction_and_eps():
     np.testing.assert_allclose(np.asarray(h["u"]["dense"]["kernel"]), -d, rtol=1e-5)
 
 
-def test_z_formula_ring_buffer_and_geometric():
+@pytest.mark.parametrize("b2", [B2, 0.0])  # 0: no memory, Z from the old moment (no back-substitution)
+def test_z_formula_ring_buffer_and_geometric(b2):
     params = make_params(3)
     window = 3
     for statistic in ("mean", "geometric"):
-        tx = step_adamw(1e-3, b2=B2, switch_eps=0.0, t_min=50, t_max=50, window=window, statistic=statistic)
+        tx = step_adamw(1e-3, b2=b2, switch_eps=0.0, t_min=50, t_max=50, window=window, statistic=statistic)
         _, _, hist = run(tx, params, 7)
         zs = []
         for h in hist:

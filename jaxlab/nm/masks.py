@@ -96,7 +96,7 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = N
     .. math:: \\operatorname{mask}_{g,p} = \\mathbb 1[\\#\\{q: |w_q|>|w_p|\\} + \\#\\{q<p: |w_q|=|w_p|\\} < n]
 
     Magnitude decides; among equal magnitudes the lower index wins, so every group holds exactly
-    ``n`` ones. The rank is computed by ``m * m`` elementwise compares (no sort), which XLA fuses.
+    ``n`` ones. The rank is computed by ``m (m - 1)`` elementwise compares (no sort, no transpose), which XLA fuses.
 
     Args:
       w: array (any float dtype).
@@ -121,16 +121,63 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = N
     axis = check_nm(w.shape, n, m, axis, name=name)
     if n == m:
         return jnp.ones(w.shape, bool)
-    wt = jnp.moveaxis(w, axis, -1)
-    lead = wt.shape[:-1]
-    a = jnp.abs(wt).reshape(*lead, wt.shape[-1] // m, m)
-    ap = a[..., :, None]  # candidate p
-    aq = a[..., None, :]  # competitor q
-    lower = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]  # [p, q] = q < p
-    beats = (aq > ap) | ((aq == ap) & lower)
-    rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
-    keep = (rank < n).reshape(wt.shape)
-    return jnp.moveaxis(keep, -1, axis)
+    shape = w.shape
+    return jnp.stack(_keep_slots(w, n, m, axis), axis=axis + 1).reshape(shape)
+
+
+def _keep_slots(w: jax.Array, n: int, m: int, axis: int) -> list[jax.Array]:
+    """``[keep_0, ..., keep_{m-1}]``: for each slot p of the groups along ``axis`` (a non-negative, checked
+    axis), whether it is kept; each of shape ``w.shape`` with ``axis`` shortened to ``K / m``.
+
+    Groups in place -- ``(..., K, ...) -> (..., K/m, m, ...)`` -- so no transpose of the kernel is needed,
+    then ranks each slot against the others with ``m (m - 1)`` compares of strided slices (one fused
+    elementwise loop in XLA; no sort, no ``(m, m)``-sized intermediate).
+    """
+    shape = w.shape
+    a = jnp.abs(w).reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1 :])
+    slots = [jax.lax.index_in_dim(a, p, axis + 1, keepdims=False) for p in range(m)]
+    keep = []
+    for p in range(m):
+        rank = jnp.zeros(slots[p].shape, jnp.int32)
+        for q in range(m):
+            if q != p:  # q beats p if larger, or equal with a lower index (the tie rule)
+                beats = slots[q] >= slots[p] if q < p else slots[q] > slots[p]
+                rank = rank + beats.astype(jnp.int32)
+        keep.append(rank < n)
+    return keep
+
+
+def nm_pruned_bits(w: jax.Array, n: int, m: int, axis: int = 0) -> jax.Array:
+    """The complement of :func:`nm_mask`, packed: one unsigned integer per group, bit ``p`` set when slot
+    ``p`` of the group is pruned. Shape ``w.shape`` with ``axis`` shortened to ``K / m``; dtype uint8
+    (``m <= 8``), uint16 (``m <= 16``) or uint32 (``m <= 32``).
+
+    A compact form for code that needs the mask only transiently (the optimizers' SR-STE term):
+    ``1 / m`` of the bytes of a boolean mask. Unpack with :func:`unpack_pruned`.
+    """
+    w = jnp.asarray(w)
+    axis = check_nm(w.shape, n, m, axis)
+    dt = _bits_dtype(m)
+    bits = jnp.zeros(w.shape[:axis] + (w.shape[axis] // m,) + w.shape[axis + 1 :], dt)
+    if n == m:
+        return bits
+    for p, k in enumerate(_keep_slots(w, n, m, axis)):
+        bits = bits | jnp.where(k, dt(0), dt(1 << p))
+    return bits
+
+
+def unpack_pruned(bits: jax.Array, m: int, axis: int, shape) -> jax.Array:
+    """Boolean "pruned" array of ``shape`` from :func:`nm_pruned_bits` (``axis`` non-negative)."""
+    slot = jnp.arange(m, dtype=bits.dtype).reshape((m,) + (1,) * (len(shape) - axis - 1))
+    pruned = (jnp.expand_dims(bits, axis + 1) >> slot) & 1
+    return pruned.astype(bool).reshape(shape)
+
+
+def _bits_dtype(m: int):
+    for dt, width in ((jnp.uint8, 8), (jnp.uint16, 16), (jnp.uint32, 32)):
+        if m <= width:
+            return dt
+    raise ValueError(f"packed N:M bits support m <= 32, got m={m}")
 
 
 def reduction_axis(path, leaf) -> int:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.nm.masks import nm_mask
+from jaxlab.nm.masks import nm_pruned_bits, unpack_pruned
 from jaxlab.transforms._nm_common import (
     NMConfig,
     adam_direction,
@@ -163,6 +163,9 @@ def scale_by_step(
     if eps_frozen is None:
         eps_frozen = eps**0.75
     geometric = statistic == "geometric"
+    # a traced lambda (inject_hyperparams) keeps the term; a static 0 skips the mask entirely
+    use_sr = isinstance(sr_ste_lambda, jax.core.Tracer) or bool(sr_ste_lambda != 0)
+    b2_zero = not isinstance(b2, jax.core.Tracer) and float(b2) == 0.0
 
     def init_fn(params):
         cfg.axes(params, require_any=True)  # validate the selection now (leaf paths in errors)
@@ -198,39 +201,50 @@ def scale_by_step(
                 new_mu[i], new_nu[i] = adam_moments(gs[i], mus[i], nus[i], b1, b2)
                 dirs[i] = adam_direction(new_mu[i], new_nu[i], t, b1, b2, eps)
 
-        def phase1(ops):
-            g_s, w_s, mu_s, nu_s = ops
-            mu_o, nu_o, d_o = [], [], []
-            zsum = jnp.zeros([], jnp.float32)
-            for g, mu, nu in zip(g_s, mu_s, nu_s):
-                mu2, nu2 = adam_moments(g, mu, nu, b1, b2)
-                zsum = zsum + (1 - b2) * jnp.sum(jnp.abs(g * g - nu).astype(jnp.float32))
-                mu_o.append(mu2)
-                nu_o.append(nu2)
-                d_o.append(adam_direction(mu2, nu2, t, b1, b2, eps))
-            return mu_o, nu_o, d_o, zsum
+        # Sparsifiable leaves. Only the N:M mask (for the SR-STE term) is phase-specific *work*, so only it
+        # sits under lax.cond, packed one integer per group (1/m of a boolean mask's bytes; phase 1 returns
+        # zeros: nothing pruned, nothing ranked). The rest is elementwise and selects between the phases
+        # with jnp.where, so XLA fuses moments and direction per leaf as it does for optax.adamw.
+        if use_sr:
+            def bits_p2(w_s):
+                return [nm_pruned_bits(w, cfg.n, cfg.m, axes[i]) for w, i in zip(w_s, sparse)]
 
-        def phase2(ops):
-            g_s, w_s, mu_s, nu_s = ops
-            mu_o, d_o = [], []
-            c1 = 1 - b1**t
-            if bias_correct_frozen_v:
-                c2 = 1 - b2 ** jnp.maximum(state.switch_step, 1)
-            for g, w, mu, nu, i in zip(g_s, w_s, mu_s, nu_s, sparse):
-                mask = nm_mask(w, cfg.n, cfg.m, axes[i])
-                g = g + jnp.where(mask, jnp.zeros((), w.dtype), sr_ste_lambda * w).astype(g.dtype)
-                mu2 = (1 - b1) * g + b1 * mu
-                v = nu / c2.astype(nu.dtype) if bias_correct_frozen_v else nu
-                mu_o.append(mu2)
-                d_o.append((mu2 / c1.astype(mu2.dtype)) / (jnp.sqrt(v) + eps_frozen))
-            return mu_o, list(nu_s), d_o, jnp.zeros([], jnp.float32)
+            def bits_p1(w_s):
+                return [jnp.zeros(b.shape, b.dtype) for b in jax.eval_shape(bits_p2, w_s)]
 
-        ops = ([gs[i] for i in sparse], [ws[i] for i in sparse], [mus[i] for i in sparse], [nus[i] for i in sparse])
-        mu_s, nu_s, d_s, zsum = jax.lax.cond(in_p2, phase2, phase1, ops)
+            bits = jax.lax.cond(in_p2, bits_p2, bits_p1, [ws[i] for i in sparse])
+        c1 = 1 - b1**t
+        # the second-moment estimate in the denominator is nu' / c2: live nu_t / (1 - b2^t) in phase 1,
+        # the frozen v_T0 (optionally / (1 - b2^T0)) in phase 2; written through nu' so the update reads
+        # the new moment (no second live copy of the old one)
+        c2 = jnp.where(in_p2, 1 - b2 ** jnp.maximum(state.switch_step, 1) if bias_correct_frozen_v else 1.0,
+                       1 - b2**t)
+        eps_t = jnp.where(in_p2, eps_frozen, eps)
+
         for j, i in enumerate(sparse):
-            new_mu[i], new_nu[i], dirs[i] = mu_s[j], nu_s[j], d_s[j]
+            g, w, mu, nu = gs[i], ws[i], mus[i], nus[i]
+            if use_sr:
+                pruned = unpack_pruned(bits[j], cfg.m, axes[i], w.shape)
+                g = g + jnp.where(pruned, sr_ste_lambda * w, jnp.zeros((), w.dtype)).astype(g.dtype)
+            new_mu[i] = (1 - b1) * g + b1 * mu
+            # phase 1: the moment of the raw gradient (the SR-STE term only enters in phase 2)
+            new_nu[i] = jnp.where(in_p2, nu, (1 - b2) * (gs[i] * gs[i]) + b2 * nu)
+            denom = jnp.sqrt(new_nu[i] / c2.astype(nu.dtype)) + eps_t.astype(nu.dtype)
+            dirs[i] = (new_mu[i] / c1.astype(mu.dtype)) / denom
 
-        # AutoSwitch bookkeeping (a no-op in phase 2)
+        def z_sum(g_nu):
+            # Z_t = mean |v_t - v_{t-1}| = (1 - b2) mean |g^2 - v_{t-1}|, written with the *new* moment
+            # (v_{t-1} = (v_t - (1 - b2) g^2) / b2, so |v_t - v_{t-1}| = (1 - b2) / b2 |g^2 - v_t|): the old
+            # moment is then read only by its own update, which XLA can do in place.
+            # (b2 = 0 keeps no memory: v_t = g^2, and the old moment is needed after all)
+            if b2_zero:
+                return sum(jnp.sum(jnp.abs(g * g - nu).astype(jnp.float32)) for g, nu in zip(*g_nu))
+            return sum(((1 - b2) / b2) * jnp.sum(jnp.abs(g * g - nu2).astype(jnp.float32)) for g, nu2 in zip(*g_nu))
+
+        zsum = jax.lax.cond(in_p2, lambda _: jnp.zeros([], jnp.float32), z_sum,  # phase 2: not needed
+                            ([gs[i] for i in sparse], [(nus if b2_zero else new_nu)[i] for i in sparse]))
+
+        # AutoSwitch bookkeeping (a no-op in phase 2: every field keeps its value)
         size = sum(ws[i].size for i in sparse)
         z = zsum / size
         sample = jnp.log(jnp.maximum(z, _TINY)) if geometric else z
