@@ -1,0 +1,136 @@
+"""Optimizer update time of the N:M transforms relative to ``optax.adamw`` on the transformer's params.
+
+For each optimizer the jitted ``tx.update(grads, state, params)`` followed by ``optax.apply_updates``
+is timed on the parameters of :class:`jaxlab.nn.Transformer` (N:M on every block projection, the
+default leaf filter). Timed: ``optax.adamw`` (baseline), ``step_adamw`` in phase 1 and in phase 2
+(the state's phase forced to 1), ``ste_adamw``, ``sr_ste_adamw`` and ``asp_adamw`` (before and
+after pruning). Methods are interleaved within each repetition so that load on a shared machine
+hits all of them alike; the reported time is the median over repetitions of the mean over ``--inner``
+back-to-back updates; ratios divide by adamw's median from the same run.
+
+    python benchmarks/optimizer_step.py [--quick] [--d-model 512 --layers 4]
+
+Writes ``benchmarks/optimizer_step.json`` (``optimizer_step_quick.json`` with ``--quick``) next to
+this file and prints a table. Targets (issue 4): phase 2 <= 1.15x, phase 1 <= 1.10x adamw.
+
+Result on the shared 2-core CPU box (``python benchmarks/optimizer_step.py --reps 21``; d_model 512,
+4 layers, 12.9 M params, 2:4): phase 2 1.07x (meets the target), phase 1 1.39x (misses it), STE 1.03x,
+SR-STE 1.48x, ASP 1.00x / 0.95x; repeated runs move each ratio by about +-0.1. Phase 1 costs what
+AdamW costs plus the Z_t reduction, a second pass over ``g`` and ``v`` that XLA:CPU does not fuse
+with the moment updates (no multi-output reduce fusion on CPU; not measured on GPU/TPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlab.nn.transformer import Transformer, TransformerConfig
+from jaxlab.transforms import StepState, asp_adamw, sr_ste_adamw, ste_adamw, step_adamw
+from jaxlab.transforms._tree import path_filter
+
+
+def _force(state, cls, **fields):
+    """Replace fields of the (unique) ``cls`` sub-state inside an optax chain state."""
+    return jax.tree.map(lambda s: s._replace(**fields) if isinstance(s, cls) else s, state,
+                        is_leaf=lambda s: isinstance(s, cls))
+
+
+def build(args):
+    cfg = TransformerConfig(vocab=256, d_model=args.d_model, n_layers=args.layers, n_heads=max(1, args.d_model // 64),
+                            d_ff=4 * args.d_model, max_len=128)
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype) * 1e-2, params)
+    sp = dict(n=2, m=4, sparsify=path_filter(r"block_\d+/(attn|mlp)/\w+/kernel$"))
+    lr = 1e-3
+    opts = {
+        "adamw": (optax.adamw(lr, weight_decay=0.0), None),
+        "step_adamw phase 1": (step_adamw(lr, switch_eps=0.0, t_min=10**6, t_max=10**6, **sp), 0),
+        "step_adamw phase 2": (step_adamw(lr, switch_eps=0.0, t_min=10**6, t_max=10**6, **sp), 1),
+        "ste_adamw": (ste_adamw(lr, **sp), None),
+        "sr_ste_adamw": (sr_ste_adamw(lr, **sp), None),
+        "asp_adamw (dense part)": (asp_adamw(lr, prune_step=10**6, **sp), None),
+        "asp_adamw (pruned)": (asp_adamw(lr, prune_step=1, **sp), None),
+    }
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return params, grads, opts, n_params
+
+
+def make_loop(tx, inner):
+    @jax.jit
+    def loop(params, state, grads):
+        def body(_, carry):
+            p, s = carry
+            u, s = tx.update(grads, s, p)
+            return optax.apply_updates(p, u), s
+
+        return jax.lax.fori_loop(0, inner, body, (params, state))
+
+    return loop
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small model, few repetitions")
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.d_model, args.layers, args.inner, args.reps = 128, 2, 5, 5
+    params, grads, opts, n_params = build(args)
+    loops, states = {}, {}
+    for name, (tx, phase) in opts.items():
+        state = tx.init(params)
+        if phase is not None:
+            state = _force(state, StepState, phase=jnp.asarray(phase, jnp.int32))
+        if name == "asp_adamw (pruned)":  # one update prunes (prune_step=1); time the masked regime after it
+            _, state = jax.jit(tx.update)(grads, state, params)
+        loops[name], states[name] = make_loop(tx, args.inner), state
+        jax.block_until_ready(loops[name](params, state, grads))  # compile + warm up
+    times = {name: [] for name in opts}
+    for _ in range(args.reps):
+        for name in opts:
+            t0 = time.perf_counter()
+            jax.block_until_ready(loops[name](params, states[name], grads))
+            times[name].append((time.perf_counter() - t0) / args.inner)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    base = med["adamw"]
+    rows = [{"optimizer": k, "median_ms": 1e3 * v, "ratio_vs_adamw": v / base} for k, v in med.items()]
+    result = {
+        "benchmark": "optimizer_step",
+        "device": str(jax.devices()[0]),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "model": {"d_model": args.d_model, "layers": args.layers, "params": int(n_params)},
+        "inner": args.inner,
+        "reps": args.reps,
+        "ratio": "2:4",
+        "rows": rows,
+        "targets": {"step_adamw phase 1": 1.10, "step_adamw phase 2": 1.15},
+    }
+    here = pathlib.Path(__file__).resolve().parent
+    out = pathlib.Path(args.out) if args.out else here / ("optimizer_step_quick.json" if args.quick else "optimizer_step.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"optimizer update + apply, transformer d_model={args.d_model} layers={args.layers} "
+          f"({n_params:,} params), {result['device']}")
+    print(f"{'optimizer':<26}{'median ms':>12}{'x adamw':>10}")
+    for r in rows:
+        print(f"{r['optimizer']:<26}{r['median_ms']:>12.3f}{r['ratio_vs_adamw']:>10.3f}")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
