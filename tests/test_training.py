@@ -146,3 +146,39 @@ def test_nonfinite_stops_with_step_and_leaf_and_keeps_last_checkpoint(tmp_path, 
     good = ck.restore(abstract)
     assert int(good.step) == 4
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(good.params))
+
+
+def test_trainable_mask_freezes_leaves_without_gradients(eight_devices):
+    """``trainable``: frozen leaves get exact-zero gradients (not computed, so nothing to all-reduce),
+    trained leaves follow the same updates as an optimizer that masks the frozen ones."""
+    import optax
+
+    from jaxlab.distributed import make_mesh
+    from jaxlab.distributed.sharding import batch_sharding
+    from jaxlab.training import TrainState, make_train_step, state_shardings
+    from jaxlab.training.dry_run import collective_traffic
+
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"a": jax.random.normal(k[0], (64, 64)), "b": jax.random.normal(k[1], (64, 64))}
+    x = jax.random.normal(k[2], (32, 64))
+    loss_fn = lambda p, batch, key: (jnp.mean(jnp.tanh(batch @ p["a"]) @ p["b"] ** 2), {})
+    mask = {"a": True, "b": False}
+    tx = optax.multi_transform({True: optax.adam(1e-2), False: optax.set_to_zero()}, mask)
+    plain = make_train_step(loss_fn, tx)
+    frozen = make_train_step(loss_fn, tx, trainable=mask)
+    s0 = TrainState.create(params=params, tx=tx, rng=0)
+    s1, m1 = plain(s0, x)
+    s2, m2 = frozen(s0, x)
+    assert_trees_equal(s1.params, s2.params)  # same trained leaves, untouched frozen ones
+    np.testing.assert_array_equal(np.asarray(s2.params["b"]), np.asarray(params["b"]))
+    g_a = jax.grad(lambda a: loss_fn({"a": a, "b": params["b"]}, x, None)[0])(params["a"])
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(jnp.linalg.norm(g_a)), rtol=1e-5)
+    assert float(m1["grad_norm"]) > float(m2["grad_norm"])  # the plain step also differentiated b
+    # data parallel on 8 devices: only the trained leaf's gradient crosses the interconnect
+    mesh = make_mesh(data=8, devices=eight_devices)
+    sh = state_shardings(jax.eval_shape(lambda: s0), tx, mesh)
+    for trainable, n_floats in ((None, 2 * 64 * 64), (mask, 64 * 64)):
+        step = make_train_step(loss_fn, tx, trainable=trainable, mesh=mesh, state_sharding=sh, jit=False)
+        hlo = jax.jit(step, in_shardings=(sh, batch_sharding(mesh, 2))).lower(s0, x).compile().as_text()
+        traffic = collective_traffic(hlo, 8)
+        assert traffic["all-reduce"] == pytest.approx(2 * 7 / 8 * 4 * n_floats, rel=0.01), (trainable, traffic)

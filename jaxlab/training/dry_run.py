@@ -128,7 +128,7 @@ def dry_run_report(cfg) -> dict:
         lambda b: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=batch_sharding(mesh, len(b.shape))), batch
     )
     step = make_train_step(
-        task.loss_fn, tx, forward_params_fn=task.forward_params_fn, has_loss_state=task.has_loss_state,
+        task.loss_fn, tx, forward_params_fn=task.forward_params_fn, has_loss_state=task.has_loss_state, trainable=task.trainable,
         ema_decay=cfg.train.ema_decay, mesh=mesh, state_sharding=shardings, jit=False,
     )
     jitted = jax.jit(step, in_shardings=(shardings, jax.tree.map(lambda b: b.sharding, batch_in)),

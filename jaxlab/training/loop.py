@@ -164,7 +164,7 @@ def train(cfg: RunConfig, *, stop_at: int | None = None, progress: bool | None =
             task.loss_fn,
             tx,
             forward_params_fn=task.forward_params_fn,
-            has_loss_state=task.has_loss_state,
+            has_loss_state=task.has_loss_state, trainable=task.trainable,
             ema_decay=cfg.train.ema_decay,
             mesh=None if single else mesh,
             state_sharding=shardings,

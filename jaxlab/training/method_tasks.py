@@ -273,6 +273,8 @@ def _build_lm(cfg: RunConfig, opts: LMTaskOptions, model) -> Task:
         make_tx=make_tx,
         forward_params_fn=sparse_forward_params if sparse else None,
         apply_fn=lambda params, tokens: model.apply({"params": forward(params)}, tokens),
+        # LoRA: the frozen base gets no gradient at all (nothing computed or all-reduced for it)
+        trainable=lora.trainable_mask(unbox(abstract)) if lora_on else None,
     )
 
 

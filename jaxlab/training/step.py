@@ -95,6 +95,7 @@ def make_train_step(
     *,
     forward_params_fn: Callable[[Any, Any], Any] | None = None,
     has_loss_state: bool = False,
+    trainable: Any = None,
     ema_decay: float | None = None,
     mesh: Mesh | None = None,
     state_sharding: TrainState | None = None,
@@ -111,6 +112,10 @@ def make_train_step(
       forward_params_fn: ``(params, opt_state) -> params`` applied inside the differentiated function,
         e.g. :func:`jaxlab.sparse_forward_params` (straight-through N:M forward).
       has_loss_state: see ``loss_fn``.
+      trainable: optional pytree of bools like the params (e.g. :func:`jaxlab.lora.trainable_mask`): leaves
+        marked ``False`` are held under ``stop_gradient``, so their gradients are exact zeros that XLA
+        neither computes nor all-reduces across devices (LoRA fine-tuning of a frozen base). The
+        optimizer must leave them alone too (e.g. :func:`jaxlab.lora.freeze_base`).
       ema_decay: if set, ``state.ema_params`` tracks ``d * ema + (1 - d) * params``.
       mesh: run sharded on this mesh (batch over ``data`` x ``fsdp``); ``None``: plain ``jit``.
       state_sharding: the :class:`TrainState` of shardings (from :func:`state_shardings`); needed with ``mesh``.
@@ -126,6 +131,7 @@ def make_train_step(
         key = state.step_key()
 
         def objective(params):
+            params = _freeze(params, trainable)
             fparams = params if forward_params_fn is None else forward_params_fn(params, state.opt_state)
             if has_loss_state:
                 loss, (metrics, new_ls) = loss_fn(fparams, batch, key, state.loss_state)
@@ -183,6 +189,13 @@ def make_train_step(
     return sharded
 
 
+def _freeze(params, trainable):
+    """``stop_gradient`` on the leaves ``trainable`` marks ``False`` (identity without a mask)."""
+    if trainable is None:
+        return params
+    return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
 def _pmean_floats(tree, axis_name):
     """``pmean`` the floating leaves; integer leaves (counters) are equal on every device and keep their dtype."""
     return jax.tree.map(
@@ -190,13 +203,14 @@ def _pmean_floats(tree, axis_name):
     )
 
 
-def _local_step(loss_fn, tx, axis_name, forward_params_fn=None, has_loss_state=False):
+def _local_step(loss_fn, tx, axis_name, forward_params_fn=None, has_loss_state=False, trainable=None):
     """A per-device step whose gradients (and loss-state updates) are averaged over ``axis_name``."""
 
     def step(state: TrainState, batch):
         key = state.step_key()
 
         def objective(params):
+            params = _freeze(params, trainable)
             fparams = params if forward_params_fn is None else forward_params_fn(params, state.opt_state)
             if has_loss_state:
                 loss, (metrics, new_ls) = loss_fn(fparams, batch, key, state.loss_state)

@@ -59,7 +59,7 @@ class Task:
       eval_fn: ``(params, key) -> {name: float}`` or ``None``.
       report_fn: ``(params, run_dir) -> list of markdown lines`` (writes plots into ``run_dir/plots``) or ``None``.
       make_tx: ``(optim_cfg, total_steps) -> optax transform`` overriding the default optimizer, or ``None``.
-      forward_params_fn, has_loss_state, init_loss_state: passed to :func:`make_train_step`.
+      forward_params_fn, has_loss_state, init_loss_state, trainable: passed to :func:`make_train_step`.
       apply_fn: the model's apply function (for users and reports).
     """
 
@@ -73,6 +73,7 @@ class Task:
     has_loss_state: bool = False
     init_loss_state: Any = None
     apply_fn: Callable | None = None
+    trainable: Any = None
 
 
 TASKS: dict[str, tuple[Callable, type | None]] = {}
