@@ -7,7 +7,7 @@ times are predictions from public per-chip figures.
     python tpu_configs/scaling_study.py [--methods flow_matching ...] [--per-device-batch 64]
 
 Prediction model (per step, per device):
-    t = max(FLOPs / peak_bf16, HBM bytes / HBM_bw) + ICI bytes / (ICI_bidir / 2)
+    t = max(FLOPs / peak_bf16, HBM bytes / HBM_bw) + ICI bytes / ICI_bw
 ICI bytes come from the compiled HLO's collectives under ring algorithms
 (:func:`jaxlab.training.dry_run.collective_traffic`). Compute and communication are not overlapped in
 this model (a pessimistic bound; XLA overlaps FSDP all-gathers with compute on TPU).
@@ -25,11 +25,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# Public Cloud TPU per-chip figures (TPU docs): bf16 peak, HBM bandwidth, bidirectional ICI bandwidth.
+# Public Cloud TPU per-chip figures (Cloud TPU docs): bf16 peak FLOP/s, HBM bytes/s, and the published
+# per-chip ICI bandwidth (v5e 1,600 Gbps, v5p 4,800 Gbps, v6e 3,584 Gbps) in bytes/s.
 CHIPS = {
-    "v5e": {"flops": 197e12, "hbm": 819e9, "ici_bidir": 400e9},
-    "v5p": {"flops": 459e12, "hbm": 2765e9, "ici_bidir": 1200e9},
-    "v6e": {"flops": 918e12, "hbm": 1640e9, "ici_bidir": 800e9},
+    "v5e": {"flops": 197e12, "hbm": 819e9, "ici": 1600e9 / 8},
+    "v5p": {"flops": 459e12, "hbm": 2765e9, "ici": 4800e9 / 8},
+    "v6e": {"flops": 918e12, "hbm": 1640e9, "ici": 3584e9 / 8},
 }
 # (slice name, chip, devices)
 SLICES = [("v5e-8", "v5e", 8), ("v5p-64", "v5p", 32), ("v6e-256", "v6e", 256)]
@@ -41,11 +42,11 @@ METHODS = {
 
 
 def _extra_methods():
-    """Method configs registered by the method experiments (added as they land)."""
+    """The method configs of ``configs/`` (same model on every slice; only mesh and batch change)."""
     extra = {
-        "meanflow": ("experiments/meanflow_2d/train_config.yaml", []),
-        "step_lm": ("experiments/step_lm/train_config.yaml", []),
-        "grasp_lora": ("experiments/grasp_persona/train_config.yaml", []),
+        "meanflow": ("configs/meanflow_2d.yaml", []),
+        "step_lm": ("configs/step_lm.yaml", []),
+        "grasp_lora": ("configs/grasp_lora_lm.yaml", []),
     }
     return {k: v for k, v in extra.items() if (ROOT / v[0]).exists()}
 
@@ -69,7 +70,7 @@ def compile_report(config: str, sets: list[str], devices: int) -> dict:
 def predict(rep: dict, chip: dict) -> dict:
     t_compute = max(rep["flops_per_device"] / chip["flops"], rep["bytes_accessed_per_device"] / chip["hbm"])
     comm = sum(rep["comm_bytes_per_device"].values())
-    t_comm = comm / (chip["ici_bidir"] / 2)
+    t_comm = comm / chip["ici"]
     return {"t_compute_s": t_compute, "t_comm_s": t_comm, "t_step_s": t_compute + t_comm, "comm_bytes": comm}
 
 
