@@ -115,6 +115,9 @@ def _as_basis(subspace) -> _Basis:
     raise ValueError(f"GRASP: subspace array has shape {arr.shape}; expected (d_model, k) or (L, d_model, k)")
 
 
+_OUTER_MAX_K = 8  # up to this subspace dimension the second product is written as broadcast outer products
+
+
 def project_residual(x: jax.Array, U: jax.Array, axis: int, beta: float = 1.0) -> jax.Array:
     """``x - beta * (component of x along span(U) on axis)``, without forming ``I - U U^T``.
 
@@ -139,13 +142,21 @@ def project_residual(x: jax.Array, U: jax.Array, axis: int, beta: float = 1.0) -
     ct = jnp.promote_types(x.dtype, jnp.float32)
     xf = x.astype(ct)
     u = U.astype(ct)
-    if axis == -1:
-        out = xf - beta * jnp.matmul(jnp.matmul(xf, u), u.T)
-    elif axis == -2:
-        out = xf - beta * jnp.einsum("dk,...ke->...de", u, jnp.einsum("dk,...de->...ke", u, xf))
-    else:
+    if axis not in (-1, -2):
         raise ValueError(f"project_residual: axis={axis}; expected -1 or -2")
-    return out.astype(x.dtype)
+    # coefficients c = U^T x on the residual axis: one small matmul (reads x once)
+    c = jnp.matmul(xf, u) if axis == -1 else jnp.einsum("dk,...de->...ke", u, xf)
+    k = u.shape[1]
+    if k <= _OUTER_MAX_K:
+        # x - beta sum_j c_j u_j as k broadcast outer products: elementwise, so XLA fuses it with the
+        # subtraction into one pass (a second matmul would write and re-read a full-size array)
+        if axis == -1:
+            along = sum(c[..., j : j + 1] * u[:, j] for j in range(k))
+        else:
+            along = sum(u[:, j : j + 1] * c[..., j : j + 1, :] for j in range(k))
+    else:
+        along = jnp.matmul(c, u.T) if axis == -1 else jnp.einsum("dk,...ke->...de", u, c)
+    return (xf - beta * along).astype(x.dtype)
 
 
 def _check_beta(beta) -> float:
