@@ -6,12 +6,12 @@ Private modules start with ``_``.
 
 from jaxlab import data, distributed, kernels, losses, metrics, nm, nn, training, transforms
 from jaxlab.data import *
+from jaxlab.kernels import nm_matmul, nm_matmul_reference
 from jaxlab.losses import *
 from jaxlab.metrics import *
-from jaxlab.transforms import *
+from jaxlab.nn import LoRADense, NMDense, lora
 from jaxlab.training import *
-from jaxlab.kernels import nm_matmul, nm_matmul_reference
-from jaxlab.nn import NMDense, LoRADense, lora
+from jaxlab.transforms import *
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ def test_step_digits_quick(tmp_path):
     res = {(r["method"], r["n"], r["m"]): r for r in payload["results"]}
     assert len(res) == 13
     assert np.mean(res[("dense", 2, 4)]["test_acc"]) > 0.9
-    for (meth, n, m), r in res.items():
+    for (meth, _n, _m), r in res.items():
         if meth == "step":
             t = payload["config"]["train"]["steps"]
             assert all(1 <= s <= int(payload["config"]["step"]["t_max_frac"] * t) + 1 for s in r["switch_step"])

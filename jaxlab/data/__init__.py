@@ -1,6 +1,7 @@
-"""Datasets: toy 2D distributions (and, from the method issues, text corpora and persona language)."""
+"""Datasets: toy 2D distributions, the synthetic persona language(s), and the stdlib byte corpus."""
 
 from jaxlab.data.persona import LinearPersonaToy, PersonaLanguage, linear_persona_toy
+from jaxlab.data.text import TextCorpus, eval_windows, load_stdlib_corpus, random_windows, stdlib_files
 from jaxlab.data.toy2d import (
     TOY2D_DATASETS,
     GaussianMixture,
@@ -14,16 +15,19 @@ from jaxlab.data.toy2d import (
 
 __all__ = [
     "GaussianMixture",
+    "LinearPersonaToy",
+    "PersonaLanguage",
     "TOY2D_DATASETS",
+    "TextCorpus",
     "checkerboard",
     "concentric_rings",
     "eight_gaussians",
+    "eval_windows",
+    "linear_persona_toy",
+    "load_stdlib_corpus",
+    "random_windows",
     "spirals",
+    "stdlib_files",
     "toy2d_sampler",
     "two_moons",
 ]
-__all__ += ["LinearPersonaToy", "PersonaLanguage", "linear_persona_toy"]
-
-from jaxlab.data.text import TextCorpus, eval_windows, load_stdlib_corpus, random_windows, stdlib_files
-
-__all__ += ["TextCorpus", "eval_windows", "load_stdlib_corpus", "random_windows", "stdlib_files"]

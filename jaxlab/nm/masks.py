@@ -34,6 +34,7 @@ __all__ = [
     "leaf_name",
     "nm_leaf_axes",
     "nm_mask",
+    "path_keys",
     "reduction_axis",
     "straight_through",
 ]
@@ -41,15 +42,30 @@ __all__ = [
 LeafFn = Callable[[Any, Any], Any]
 
 
+def path_keys(path) -> tuple[str, ...]:
+    """The keys of a pytree path (from ``tree_flatten_with_path``) as strings.
+
+    Dict keys, sequence indices and attribute names alike; a trailing ``.value`` attribute (the
+    ``nnx.Variable`` wrapper of an ``nnx.split`` state) is dropped, so ``state['l1']['kernel'].value``
+    and ``params['l1']['kernel']`` have the same keys ``("l1", "kernel")``.
+    """
+    keys = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                keys.append(str(getattr(k, attr)))
+                break
+        else:
+            keys.append(str(k))
+    if len(keys) > 1 and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        keys.pop()
+    return tuple(keys)
+
+
 def leaf_name(path) -> str:
     """The last key of a pytree path as a string (``"kernel"`` for ``params['dense']['kernel']``)."""
-    if not path:
-        return ""
-    k = path[-1]
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+    keys = path_keys(path)
+    return keys[-1] if keys else ""
 
 
 def _where(name: str | None) -> str:

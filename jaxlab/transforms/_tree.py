@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from jaxlab.nm.masks import leaf_name
+from jaxlab.nm.masks import leaf_name, path_keys
 
 __all__ = [
     "find_states",
@@ -29,16 +29,9 @@ def path_str(path) -> str:
     return jax.tree_util.keystr(tuple(path))
 
 
-def _key(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def slash_path(path) -> str:
-    """Path as ``"block_0/attn/q/kernel"`` (for regex filters and reports)."""
-    return "/".join(_key(k) for k in path)
+    """Path as ``"block_0/attn/q/kernel"`` (for regex filters and reports; NNX ``.value`` dropped)."""
+    return "/".join(path_keys(path))
 
 
 def named_leaves(tree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:

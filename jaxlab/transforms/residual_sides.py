@@ -30,6 +30,8 @@ from typing import Any
 
 import jax
 
+from jaxlab.nm.masks import path_keys
+
 __all__ = [
     "DEFAULT_SIDE_RULES",
     "LeafSide",
@@ -65,21 +67,9 @@ LORA_LEAVES = ("lora_a", "lora_b")
 _DEFAULT_LAYER_PATTERN = r"(?:^|/)(?:blocks?|layers?|h)_(\d+)(?:/|$)"
 
 
-def _key_name(k) -> str:
-    if isinstance(k, jax.tree_util.DictKey):
-        return str(k.key)
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx)
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return str(k.name)
-    if isinstance(k, jax.tree_util.FlattenedIndexKey):
-        return str(k.key)
-    return str(k)
-
-
 def path_str(path) -> str:
-    """A tree path (from ``tree_flatten_with_path``) as ``"a/b/c"``."""
-    return "/".join(_key_name(k) for k in path)
+    """A tree path (from ``tree_flatten_with_path``) as ``"a/b/c"`` (NNX ``.value`` dropped)."""
+    return "/".join(path_keys(path))
 
 
 @dataclasses.dataclass(frozen=True)
