@@ -105,7 +105,11 @@ def _build_meanflow(cfg: RunConfig, opts: MeanFlowTaskOptions, model) -> Task:
 
 @dataclasses.dataclass
 class TransformerOptions:
-    """Fields of :class:`jaxlab.nn.transformer.TransformerConfig` (byte vocabulary by default)."""
+    """The YAML-typed subset of :class:`jaxlab.nn.transformer.TransformerConfig` (byte vocabulary by default).
+
+    A separate dataclass because the config validator types every field; ``TransformerConfig``'s dtype
+    fields are ``Any`` (runs from configs stay float32). Validation of the values is the model config's.
+    """
 
     vocab: int = 256
     d_model: int = 128
