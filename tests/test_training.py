@@ -174,6 +174,8 @@ def test_trainable_mask_freezes_leaves_without_gradients(eight_devices):
     g_a = jax.grad(lambda a: loss_fn({"a": a, "b": params["b"]}, x, None)[0])(params["a"])
     np.testing.assert_allclose(float(m2["grad_norm"]), float(jnp.linalg.norm(g_a)), rtol=1e-5)
     assert float(m1["grad_norm"]) > float(m2["grad_norm"])  # the plain step also differentiated b
+    with pytest.raises(ValueError, match="trainable mask structure"):
+        make_train_step(loss_fn, tx, trainable={"a": True})(s0, x)
     # data parallel on 8 devices: only the trained leaf's gradient crosses the interconnect
     mesh = make_mesh(data=8, devices=eight_devices)
     sh = state_shardings(jax.eval_shape(lambda: s0), tx, mesh)

@@ -34,9 +34,11 @@ __all__ = [
     "leaf_name",
     "nm_leaf_axes",
     "nm_mask",
+    "nm_pruned_bits",
     "path_keys",
     "reduction_axis",
     "straight_through",
+    "unpack_pruned",
 ]
 
 LeafFn = Callable[[Any, Any], Any]

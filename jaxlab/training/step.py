@@ -193,6 +193,10 @@ def _freeze(params, trainable):
     """``stop_gradient`` on the leaves ``trainable`` marks ``False`` (identity without a mask)."""
     if trainable is None:
         return params
+    ps, ts = jax.tree.structure(params), jax.tree.structure(trainable)
+    if ps != ts:
+        raise ValueError(f"make_train_step: trainable mask structure {ts} does not match the params {ps}; "
+                         "build it from the params, e.g. jaxlab.lora.trainable_mask(params)")
     return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
 
