@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/jaxlab reproduce --quick all
+	$(BIN)/jaxlab reproduce all --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) -q

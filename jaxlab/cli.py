@@ -1,7 +1,7 @@
 """Command line: ``jaxlab train | reproduce | report | list``.
 
     jaxlab train CONFIG [--overlay FILE ...] [--set key=value ...]
-    jaxlab reproduce NAME|all [--quick] [--out DIR] [--seeds K]
+    jaxlab reproduce NAME|all [--quick] [--seeds K] [--steps N] [--out DIR] [--set KEY=VALUE ...]
     jaxlab report RUN_DIR
     jaxlab list
 """
@@ -55,7 +55,7 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, overlays=args.overlay or (), sets=args.set or ())
     if args.dry_run:
-        from jaxlab.training.dry_run import dry_run  # provided by the scale-out work
+        from jaxlab.training.dry_run import dry_run
 
         return dry_run(cfg, args)
     state, last = train(cfg)
@@ -65,20 +65,38 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _split_out(rest: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``--out DIR`` / ``--out=DIR`` out of the arguments forwarded to an experiment."""
+    out, kept, i = None, [], 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--out" and i + 1 < len(rest):
+            out, i = rest[i + 1], i + 2
+            continue
+        if a.startswith("--out="):
+            out = a.split("=", 1)[1]
+        else:
+            kept.append(a)
+        i += 1
+    return out, kept
+
+
 def _cmd_reproduce(args, rest: list[str]) -> int:
+    """Run ``experiments/NAME/run.py`` with the remaining arguments (its flags: ``--help`` lists them)."""
     names = list_experiments() if args.name == "all" else [args.name]
     root = experiments_dir()
+    out, rest = _split_out(rest)
     failed = []
     for name in names:
         script = root / name / "run.py"
         if not script.exists():
             raise SystemExit(f"unknown experiment {name!r}; available: {', '.join(list_experiments())}")
-        argv = [str(script)] + (["--quick"] if args.quick else []) + rest
-        if args.out:
-            argv += ["--out", str(Path(args.out) / name) if args.name == "all" else args.out]
-        print(f"=== reproduce {name}{' --quick' if args.quick else ''}", flush=True)
+        argv = list(rest)
+        if out:
+            argv += ["--out", str(Path(out) / name) if args.name == "all" else out]
+        print(f"=== reproduce {name} {' '.join(rest)}".rstrip(), flush=True)
         old_argv, old_path = sys.argv, list(sys.path)
-        sys.argv = argv
+        sys.argv = [f"jaxlab reproduce {name}", *argv]
         sys.path.insert(0, str(script.parent))
         try:
             runpy.run_path(str(script), run_name="__main__")
@@ -109,9 +127,8 @@ def _cmd_report(args) -> int:
 
 def _cmd_list(args) -> int:
     from jaxlab.data import TOY2D_DATASETS
-    from jaxlab.training.tasks import MODELS, TASKS, _ensure_builtin
+    from jaxlab.training import METHODS, MODELS, TASKS
 
-    _ensure_builtin()
     print("experiments (jaxlab reproduce NAME [--quick]):")
     try:
         root = experiments_dir()
@@ -121,6 +138,7 @@ def _cmd_list(args) -> int:
         print(f"  ({e})")
     print("tasks (task.name):   " + ", ".join(sorted(TASKS)))
     print("models (model.name): " + ", ".join(sorted(MODELS)))
+    print("methods (optim.name): " + ", ".join(sorted(METHODS)))
     print("toy 2D datasets:     " + ", ".join(TOY2D_DATASETS))
     return 0
 
@@ -133,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overlay", action="append", help="YAML deep-merged over the config (repeatable, in order)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. train.steps=100")
     t.add_argument("--dry-run", action="store_true", help="lower and compile one step on simulated devices; print memory/shardings")
-    r = sub.add_parser("reproduce", help="run an experiment's sweep and write its report (NAME or 'all')")
+    r = sub.add_parser(
+        "reproduce", add_help=False,
+        help="run an experiment's sweep and write its report (NAME or 'all'); "
+             "`jaxlab reproduce NAME --help` lists its flags (--quick, --seeds, --steps, --out, --set, --overlay)",
+    )
     r.add_argument("name")
-    r.add_argument("--quick", action="store_true", help="the CPU-minutes version")
-    r.add_argument("--out", help="output dir (default runs/NAME)")
     rp = sub.add_parser("report", help="write report.md + plots from a run dir's metrics.jsonl")
     rp.add_argument("run_dir")
     sub.add_parser("list", help="experiments, tasks, models, datasets")

@@ -9,7 +9,7 @@ import pytest
 
 import jaxlab
 from jaxlab.training import Checkpointer, NonFiniteError, RunConfig, Task, load_config, read_metrics, train
-from jaxlab.training.tasks import register_task
+from jaxlab.training import register_task
 
 BASE = {
     "name": "t",

@@ -1,5 +1,13 @@
-"""Training runtime: TrainState, the jitted/sharded step, the loop, checkpoints, metrics, config, tasks."""
+"""Training runtime: TrainState, the jitted/sharded train step, the loop, checkpoints, metrics, config,
+the task/model registry, the method (optimizer) registry and the experiment harness.
 
+Module map (dependencies point down): ``config`` (plain data) <- ``methods`` (method registry) <-
+``registry`` (tasks, models, validated ``load_config``) <- ``tasks_toy2d``, ``tasks_lm`` (built-in
+tasks, imported here so they register) ; ``state`` <- ``train_step`` <- ``loop`` ; ``experiment``
+(the harness every ``experiments/*/run.py`` uses).
+"""
+
+from jaxlab.training import tasks_lm, tasks_toy2d  # noqa: F401  (built-in tasks register on import)
 from jaxlab.training.checkpoint import Checkpointer
 from jaxlab.training.config import (
     ConfigError,
@@ -10,20 +18,50 @@ from jaxlab.training.config import (
     RunConfig,
     TaskConfig,
     TrainConfig,
-    load_config,
+    read_config,
 )
 from jaxlab.training.loop import fit, global_batch, init_state, train
+from jaxlab.training.methods import (
+    METHODS,
+    Method,
+    build_optimizer,
+    get_method,
+    make_optimizer,
+    make_schedule,
+    register_method,
+)
 from jaxlab.training.metrics import MetricsWriter, read_metrics
+from jaxlab.training.registry import (
+    MODELS,
+    TASKS,
+    Task,
+    build_model,
+    build_task,
+    build_task_optimizer,
+    load_config,
+    register_model,
+    register_task,
+    validate_config,
+)
 from jaxlab.training.report import write_report
 from jaxlab.training.state import TrainState
-from jaxlab.training.step import NonFiniteError, make_train_step, state_shardings
-from jaxlab.training.tasks import Task, build_optimizer, build_task, register_model, register_task
+from jaxlab.training.train_step import (
+    NonFiniteError,
+    make_pmap_train_step,
+    make_shard_map_train_step,
+    make_train_step,
+    state_shardings,
+)
 
 __all__ = [
+    "METHODS",
+    "MODELS",
+    "TASKS",
     "Checkpointer",
     "ConfigError",
     "DataConfig",
     "MeshConfig",
+    "Method",
     "MetricsWriter",
     "ModelConfig",
     "NonFiniteError",
@@ -33,17 +71,27 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "TrainState",
+    "build_model",
     "build_optimizer",
     "build_task",
+    "build_task_optimizer",
     "fit",
+    "get_method",
     "global_batch",
     "init_state",
     "load_config",
+    "make_optimizer",
+    "make_pmap_train_step",
+    "make_schedule",
+    "make_shard_map_train_step",
     "make_train_step",
+    "read_config",
     "read_metrics",
+    "register_method",
     "register_model",
     "register_task",
     "state_shardings",
     "train",
+    "validate_config",
     "write_report",
 ]

@@ -11,7 +11,7 @@ the dotted key path, the offending value and what is allowed. Task-specific opti
 
 Example::
 
-    cfg = load_config("experiments/flow_matching_2d/config.yaml",
+    cfg = read_config("experiments/flow_matching_2d/config.yaml",
                       overlays=["tpu_configs/v5e-8.yaml"], sets=["train.steps=500", "data.name=two_moons"])
 """
 
@@ -37,7 +37,7 @@ __all__ = [
     "RunConfig",
     "from_dict",
     "to_dict",
-    "load_config",
+    "read_config",
     "apply_set",
     "deep_merge",
     "dump_config",
@@ -70,9 +70,15 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Optimiser: Adam(W) with an optional warmup + cosine schedule and global-norm clipping."""
+    """Optimiser: a registered method (:mod:`jaxlab.training.methods`), its schedule and clipping.
 
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    ``name`` is a method of the registry (``adam``, ``adamw``, ``sgd``, ``step``, ``ste``, ``sr_ste``,
+    ``asp``, ``grasp``, ``grasp_around``, or one you registered); ``b1``/``b2``/``eps``/``weight_decay``
+    reach the methods that take them; ``options`` holds the method's own hyper-parameters (e.g.
+    ``{n: 2, m: 4, switch_eps: 1e-8}`` for ``step``). Schedule: see :func:`jaxlab.training.make_schedule`.
+    """
+
+    name: str = "adam"
     learning_rate: float = 1e-3
     b1: float = 0.9
     b2: float = 0.999
@@ -80,7 +86,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
+    final_fraction: float = 0.0
     grad_clip: float | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -302,10 +310,12 @@ def _read_yaml(path) -> dict:
     return data
 
 
-def load_config(path=None, *, overlays=(), sets=(), base: dict | None = None) -> RunConfig:
-    """Load a :class:`RunConfig` from YAML ``path`` + ``overlays`` (in order) + ``sets`` (in order).
+def read_config(path=None, *, overlays=(), sets=(), base: dict | None = None) -> RunConfig:
+    """Read a :class:`RunConfig` from YAML ``path`` + ``overlays`` (in order) + ``sets`` (in order).
 
-    Task and model ``options`` are validated too when their name is registered.
+    Checks the structure and types of every key. The registered parts (``optim.name``/``options``,
+    ``task``/``model`` options) are checked by :func:`jaxlab.training.load_config`, which calls this
+    and then :func:`jaxlab.training.validate_config`.
     """
     tree = dict(base or {})
     if path is not None:
@@ -314,12 +324,7 @@ def load_config(path=None, *, overlays=(), sets=(), base: dict | None = None) ->
         tree = deep_merge(tree, _read_yaml(ov))
     for s in sets:
         tree = apply_set(tree, s)
-    cfg = from_dict(RunConfig, tree)
-    # Validate registered options now, so a typo fails before any compute.
-    from jaxlab.training.tasks import validate_options
-
-    validate_options(cfg)
-    return cfg
+    return from_dict(RunConfig, tree)
 
 
 def dump_config(cfg: RunConfig, path) -> None:

@@ -26,6 +26,13 @@ from collections import Counter
 import jax
 import numpy as np
 
+from jaxlab.distributed.mesh import mesh_from_config
+from jaxlab.distributed.sharding import batch_sharding, unbox
+from jaxlab.training.config import to_dict
+from jaxlab.training.registry import build_task, build_task_optimizer
+from jaxlab.training.state import TrainState
+from jaxlab.training.train_step import make_train_step, state_shardings
+
 __all__ = ["dry_run", "dry_run_report", "mesh_device_count", "collective_traffic"]
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -98,18 +105,12 @@ def _spec_str(sh) -> str:
 
 def dry_run_report(cfg) -> dict:
     """Lower + compile one train step of ``cfg`` on its mesh; return memory, cost, shardings, collectives."""
-    from jaxlab.distributed.mesh import mesh_from_config
-    from jaxlab.distributed.sharding import batch_sharding, unbox
-    from jaxlab.training.state import TrainState
-    from jaxlab.training.step import make_train_step, state_shardings
-    from jaxlab.training.tasks import build_optimizer, build_task
-
     n = mesh_device_count(cfg.mesh)
     if jax.device_count() < n:
         raise RuntimeError(f"dry run needs {n} devices, this process has {jax.device_count()}")
     mesh = mesh_from_config(cfg.mesh, devices=jax.devices()[:n])
     task = build_task(cfg)
-    tx = task.make_tx(cfg.optim, cfg.train.steps) if task.make_tx else build_optimizer(cfg.optim, cfg.train.steps)
+    tx, forward_params_fn = build_task_optimizer(cfg, task)
     key = jax.random.PRNGKey(cfg.seed)
 
     def make(k):
@@ -128,7 +129,7 @@ def dry_run_report(cfg) -> dict:
         lambda b: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=batch_sharding(mesh, len(b.shape))), batch
     )
     step = make_train_step(
-        task.loss_fn, tx, forward_params_fn=task.forward_params_fn, has_loss_state=task.has_loss_state, trainable=task.trainable,
+        task.loss_fn, tx, forward_params_fn=forward_params_fn, has_loss_state=task.has_loss_state, trainable=task.trainable,
         ema_decay=cfg.train.ema_decay, mesh=mesh, state_sharding=shardings, jit=False,
     )
     jitted = jax.jit(step, in_shardings=(shardings, jax.tree.map(lambda b: b.sharding, batch_in)),
@@ -205,8 +206,6 @@ def dry_run(cfg, args=None, *, as_json: bool = False) -> int:
         return 0
     if os.environ.get("_JAXLAB_DRY_RUN_CHILD"):
         raise RuntimeError(f"dry run child has {jax.device_count()} devices, needs {n}")
-    from jaxlab.training.config import to_dict
-
     env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={n}").strip()

@@ -8,6 +8,7 @@ index, a run interrupted and resumed ends with exactly the params of an uninterr
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +23,9 @@ from jaxlab.training.checkpoint import Checkpointer
 from jaxlab.training.config import RunConfig, dump_config
 from jaxlab.training.metrics import MetricsWriter
 from jaxlab.training.state import TrainState
-from jaxlab.training.step import leaf_paths, make_train_step, raise_if_nonfinite, state_shardings
-from jaxlab.training.tasks import build_optimizer, build_task
+from jaxlab.training.registry import build_task, build_task_optimizer, validate_config
+from jaxlab.training.report import write_report
+from jaxlab.training.train_step import leaf_paths, make_train_step, raise_if_nonfinite, state_shardings
 
 __all__ = ["fit", "train", "global_batch", "init_state"]
 
@@ -91,8 +93,6 @@ def fit(
     start = int(state.step)
     paths = leaf_paths(state.params)
     last: dict = {}
-    import sys
-
     # In a log file (no TTY) redraw rarely; in a terminal redraw smoothly.
     interval = 0.2 if sys.stderr.isatty() else 10.0
     bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True, leave=False,
@@ -140,8 +140,7 @@ def train(cfg: RunConfig, *, stop_at: int | None = None, progress: bool | None =
 
     Writes ``cfg.run_dir/{config.yaml, metrics.jsonl, checkpoints/, report.md, plots/}``.
     """
-    from jaxlab.training.report import write_report
-
+    validate_config(cfg)
     maybe_initialize_distributed(cfg.mesh.distributed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +148,7 @@ def train(cfg: RunConfig, *, stop_at: int | None = None, progress: bool | None =
     mesh = mesh_from_config(cfg.mesh, devices=devices)
     single = mesh.size == 1
     task = build_task(cfg)
-    tx = task.make_tx(cfg.optim, cfg.train.steps) if task.make_tx else build_optimizer(cfg.optim, cfg.train.steps)
+    tx, forward_params_fn = build_task_optimizer(cfg, task)
     key = jax.random.PRNGKey(cfg.seed)
     state, shardings = init_state(task, tx, key, ema_decay=cfg.train.ema_decay, mesh=None if single else mesh)
     ckpt = Checkpointer(
@@ -163,7 +162,7 @@ def train(cfg: RunConfig, *, stop_at: int | None = None, progress: bool | None =
         step_fn = make_train_step(
             task.loss_fn,
             tx,
-            forward_params_fn=task.forward_params_fn,
+            forward_params_fn=forward_params_fn,
             has_loss_state=task.has_loss_state, trainable=task.trainable,
             ema_decay=cfg.train.ema_decay,
             mesh=None if single else mesh,

@@ -27,8 +27,15 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxlab.distributed.sharding import batch_sharding, opt_state_shardings, param_shardings, replicated
+from jaxlab.distributed.sharding import (
+    DEFAULT_RULES,
+    batch_sharding,
+    opt_state_shardings,
+    param_shardings,
+    replicated,
+)
 from jaxlab.training.state import TrainState
 
 __all__ = [
@@ -74,8 +81,6 @@ def state_shardings(state_abstract: TrainState, tx, mesh: Mesh, boxed_params=Non
     generic FSDP fallback; optimizer-state leaves that mirror params follow their param; the rest is
     replicated.
     """
-    from jaxlab.distributed.sharding import DEFAULT_RULES
-
     rules = DEFAULT_RULES if rules is None else rules
     p_sh = param_shardings(boxed_params if boxed_params is not None else state_abstract.params, mesh, rules)
     rep = replicated(mesh)
@@ -255,8 +260,6 @@ def make_pmap_train_step(loss_fn, tx, *, axis_name: str = "batch", devices=None,
 
 def make_shard_map_train_step(loss_fn, tx, mesh: Mesh, *, axis_name: str = "data", **kwargs):
     """``jax.shard_map`` flavour: state replicated (``P()``), batch split over ``axis_name``, grads ``pmean``-ed."""
-    from jax.sharding import PartitionSpec as P
-
     local = _local_step(loss_fn, tx, axis_name, **kwargs)
     return jax.jit(
         jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=(P(), P()), check_vma=False)
