@@ -251,6 +251,32 @@ def test_per_layer_bases_stacked_vmap_and_named_blocks():
         np.testing.assert_allclose(out_named[f"block_{i}"]["attn"]["q"]["kernel"], want_q, atol=1e-5)
 
 
+
+def test_per_layer_result_falls_back_to_global_basis_off_the_blocks():
+    """A SpuriousSubspace with U_layers: block leaves use their block's basis, embed/unembed the global U;
+    per-layer bases without a global one cannot serve a leaf outside the blocks."""
+    g = _ortho(jax.random.PRNGKey(30), D, 1)
+    layers = np.stack([_ortho(jax.random.PRNGKey(31 + i), D, 1) for i in range(2)])
+    sub = jaxlab.SpuriousSubspace(U=jnp.asarray(g), eigenvalues=np.ones(1), k=1, eigengap=3.0, explained_energy=1.0,
+                                  aggregation="per_layer", layer_ids=(0, 1), U_layers=jnp.asarray(layers))
+    key = jax.random.PRNGKey(40)
+    upd = {"embed": {"embedding": jax.random.normal(key, (V, D))},
+           "block_1": {"mlp": {"down": {"kernel": jax.random.normal(jax.random.fold_in(key, 1), (F, D))},
+                               "up": {"kernel": jax.random.normal(jax.random.fold_in(key, 2), (D, F))}}},
+           "unembed": {"kernel": jax.random.normal(jax.random.fold_in(key, 3), (D, V))}}
+    out, _ = _apply(jaxlab.grasp(sub), upd)
+    x = jax.tree.map(lambda a: np.asarray(a, np.float64), upd)
+    u1 = layers[1]
+    np.testing.assert_allclose(out["embed"]["embedding"], x["embed"]["embedding"] @ (np.eye(D) - g @ g.T), atol=1e-5)
+    np.testing.assert_allclose(out["unembed"]["kernel"], (np.eye(D) - g @ g.T) @ x["unembed"]["kernel"], atol=1e-5)
+    np.testing.assert_allclose(out["block_1"]["mlp"]["down"]["kernel"],
+                               x["block_1"]["mlp"]["down"]["kernel"] @ (np.eye(D) - u1 @ u1.T), atol=1e-5)
+    np.testing.assert_allclose(out["block_1"]["mlp"]["up"]["kernel"],
+                               (np.eye(D) - u1 @ u1.T) @ x["block_1"]["mlp"]["up"]["kernel"], atol=1e-5)
+    with pytest.raises(ValueError, match=r"leaf \['embed'\]\['embedding'\] \(layer None\) has no per-layer basis"):
+        _apply(jaxlab.grasp({0: layers[0], 1: layers[1]}), upd)
+
+
 # ---------------------------------------------------------------- jit / pmap / mesh
 
 

@@ -58,6 +58,8 @@ class GraspState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Basis:
+    """A validated, orthonormal (float32) subspace: a global ``U`` and/or per-layer ``U_layers``."""
+
     U: jax.Array | None  # (d, k) global, or None
     U_layers: jax.Array | None  # (L, d, k), or None
     layer_ids: tuple[int, ...] | None
@@ -66,6 +68,7 @@ class _Basis:
 
 
 def _orthonormal(u, what: str) -> np.ndarray:
+    """An orthonormal basis ``Q`` of ``span(u)`` (``u = Q R``, float64); ``what`` names ``u`` in errors."""
     u = np.asarray(u, np.float64)
     if u.ndim != 2:
         raise ValueError(f"GRASP: {what} has shape {u.shape}; expected (d_model, k)")
@@ -81,31 +84,31 @@ def _orthonormal(u, what: str) -> np.ndarray:
     return q
 
 
-def _as_basis(subspace) -> _Basis:
-    """Normalise ``subspace``: a SpuriousSubspace, an array ``(d, k)`` / ``(L, d, k)``, or ``{layer: (d, k)}``."""
-    if isinstance(subspace, SpuriousSubspace):
-        g = _orthonormal(subspace.U, "subspace.U")
-        ul = None
-        if subspace.U_layers is not None:
-            ul = np.stack([_orthonormal(x, f"subspace.U_layers[{i}]") for i, x in enumerate(np.asarray(subspace.U_layers))])
-        return _Basis(jnp.asarray(g, jnp.float32), None if ul is None else jnp.asarray(ul, jnp.float32),
-                      subspace.layer_ids, g.shape[0], g.shape[1])
-    if isinstance(subspace, Mapping):
-        ids = tuple(sorted(int(i) for i in subspace))
-        if not ids:
-            raise ValueError("GRASP: empty per-layer subspace mapping")
-        mats = [_orthonormal(subspace[i], f"subspace[{i}]") for i in ids]
-        shapes = {m.shape for m in mats}
-        if len(shapes) != 1:
-            raise ValueError(f"GRASP: per-layer bases must share one shape (d_model, k); got {sorted(shapes)}")
-        d, k = mats[0].shape
-        return _Basis(None, jnp.asarray(np.stack(mats), jnp.float32), ids, d, k)
-    if not hasattr(subspace, "shape"):
-        raise TypeError(
-            f"GRASP: subspace must be a SpuriousSubspace, an array (d_model, k) or (L, d_model, k), or a "
-            f"mapping layer -> (d_model, k); got {type(subspace).__name__}"
-        )
-    arr = np.asarray(subspace)
+def _basis_from_result(subspace: SpuriousSubspace) -> _Basis:
+    """The global ``U`` of an identification result, plus its per-layer ``U_layers`` when it has them."""
+    g = _orthonormal(subspace.U, "subspace.U")
+    ul = None
+    if subspace.U_layers is not None:
+        ul = np.stack([_orthonormal(x, f"subspace.U_layers[{i}]") for i, x in enumerate(np.asarray(subspace.U_layers))])
+    return _Basis(jnp.asarray(g, jnp.float32), None if ul is None else jnp.asarray(ul, jnp.float32),
+                  subspace.layer_ids, g.shape[0], g.shape[1])
+
+
+def _basis_from_mapping(subspace: Mapping) -> _Basis:
+    """Per-layer bases ``{layer: (d_model, k)}`` (one shape for all), no global ``U``."""
+    ids = tuple(sorted(int(i) for i in subspace))
+    if not ids:
+        raise ValueError("GRASP: empty per-layer subspace mapping")
+    mats = [_orthonormal(subspace[i], f"subspace[{i}]") for i in ids]
+    shapes = {m.shape for m in mats}
+    if len(shapes) != 1:
+        raise ValueError(f"GRASP: per-layer bases must share one shape (d_model, k); got {sorted(shapes)}")
+    d, k = mats[0].shape
+    return _Basis(None, jnp.asarray(np.stack(mats), jnp.float32), ids, d, k)
+
+
+def _basis_from_array(arr: np.ndarray) -> _Basis:
+    """A global basis ``(d_model, k)`` or per-layer bases ``(L, d_model, k)`` (block ``l`` uses entry ``l``)."""
     if arr.ndim == 2:
         g = _orthonormal(arr, "subspace")
         return _Basis(jnp.asarray(g, jnp.float32), None, None, g.shape[0], g.shape[1])
@@ -113,6 +116,20 @@ def _as_basis(subspace) -> _Basis:
         mats = np.stack([_orthonormal(x, f"subspace[{i}]") for i, x in enumerate(arr)])
         return _Basis(None, jnp.asarray(mats, jnp.float32), tuple(range(arr.shape[0])), arr.shape[1], arr.shape[2])
     raise ValueError(f"GRASP: subspace array has shape {arr.shape}; expected (d_model, k) or (L, d_model, k)")
+
+
+def _as_basis(subspace) -> _Basis:
+    """Normalise ``subspace``: a SpuriousSubspace, an array ``(d, k)`` / ``(L, d, k)``, or ``{layer: (d, k)}``."""
+    if isinstance(subspace, SpuriousSubspace):
+        return _basis_from_result(subspace)
+    if isinstance(subspace, Mapping):
+        return _basis_from_mapping(subspace)
+    if not hasattr(subspace, "shape"):
+        raise TypeError(
+            f"GRASP: subspace must be a SpuriousSubspace, an array (d_model, k) or (L, d_model, k), or a "
+            f"mapping layer -> (d_model, k); got {type(subspace).__name__}"
+        )
+    return _basis_from_array(np.asarray(subspace))
 
 
 _OUTER_MAX_K = 8  # up to this subspace dimension the second product is written as broadcast outer products
@@ -133,9 +150,13 @@ def project_residual(x: jax.Array, U: jax.Array, axis: int, beta: float = 1.0) -
       The projected array, same shape and dtype as ``x``.
 
     Example:
-      >>> project_residual(jnp.ones((2, 3)), jnp.eye(3)[:, :1], axis=-1)
-      Array([[0., 1., 1.],
-             [0., 1., 1.]], dtype=float32)
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.transforms.grasp import project_residual
+      >>> U = jnp.eye(3)[:, :1]                     # d_model = 3, span(U) = e_0
+      >>> project_residual(jnp.ones((2, 3)), U, axis=-1).tolist()          # writer: rows lose e_0
+      [[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
+      >>> project_residual(jnp.ones((3, 2)), U, axis=-2, beta=0.5).tolist()  # reader, half strength
+      [[0.5, 0.5], [1.0, 1.0], [1.0, 1.0]]
     """
     if U.shape[-1] == 0:
         return x
@@ -160,13 +181,14 @@ def project_residual(x: jax.Array, U: jax.Array, axis: int, beta: float = 1.0) -
 
 
 def _check_beta(beta) -> float:
+    """``beta`` itself, after checking that a Python number lies in ``[0, 1]`` (traced values pass)."""
     if isinstance(beta, (int, float)) and not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"GRASP: beta={beta} must lie in [0, 1]")
     return beta
 
 
-def _project_leaf(basis: _Basis, ls: LeafSide, x, beta):
-    shape = tuple(x.shape)
+def _check_residual_width(basis: _Basis, ls: LeafSide, shape: tuple[int, ...]) -> None:
+    """Raise unless the leaf's residual axis has length ``d_model`` (names the leaf, shape and layout)."""
     width = shape[ls.axis] if len(shape) >= -ls.axis else None
     if width != basis.d_model:
         raise ValueError(
@@ -175,27 +197,47 @@ def _project_leaf(basis: _Basis, ls: LeafSide, x, beta):
             f"{'kernel (d_model, d_out) / lora_a (d_model, r)' if ls.side == 'reader' else 'kernel (d_in, d_model) / lora_b (r, d_model)'};"
             f" is the side declared correctly?)"
         )
-    if basis.k == 0:
-        return x
+
+
+def _check_layer_stack(basis: _Basis, ls: LeafSide, shape: tuple[int, ...]) -> None:
+    """Raise unless a stacked leaf has exactly one leading layer axis, as long as ``U_layers``."""
+    if shape[0] != basis.U_layers.shape[0] or len(shape) != {"bias": 1}.get(ls.name, 2) + 1:
+        raise ValueError(
+            f"GRASP: stacked leaf {ls.path} has shape {shape}; expected one leading layer axis of "
+            f"length {basis.U_layers.shape[0]} (the number of per-layer bases)"
+        )
+
+
+def _layer_basis(basis: _Basis, ls: LeafSide) -> jax.Array:
+    """The ``(d, k)`` basis of an unstacked leaf: its block's per-layer basis if there is one, else ``U``."""
     if basis.U_layers is not None:
-        if ls.stacked:
-            if shape[0] != basis.U_layers.shape[0] or x.ndim != {"bias": 1}.get(ls.name, 2) + 1:
-                raise ValueError(
-                    f"GRASP: stacked leaf {ls.path} has shape {shape}; expected one leading layer axis of "
-                    f"length {basis.U_layers.shape[0]} (the number of per-layer bases)"
-                )
-            return jax.vmap(lambda xi, ui: project_residual(xi, ui, ls.axis, beta))(x, basis.U_layers)
         if ls.layer is not None and basis.layer_ids is not None and ls.layer in basis.layer_ids:
-            return project_residual(x, basis.U_layers[basis.layer_ids.index(ls.layer)], ls.axis, beta)
+            return basis.U_layers[basis.layer_ids.index(ls.layer)]
         if basis.U is None:
             raise ValueError(
                 f"GRASP: leaf {ls.path} (layer {ls.layer}) has no per-layer basis (layers {basis.layer_ids}) "
                 f"and no global basis was given"
             )
-    return project_residual(x, basis.U, ls.axis, beta)
+    return basis.U
+
+
+def _project_leaf(basis: _Basis, ls: LeafSide, x, beta):
+    """Project one residual-side leaf on its residual axis (a stacked leaf: per layer, via ``vmap``)."""
+    shape = tuple(x.shape)
+    _check_residual_width(basis, ls, shape)
+    if basis.k == 0:
+        return x
+    if basis.U_layers is not None and ls.stacked:
+        _check_layer_stack(basis, ls, shape)
+        return jax.vmap(lambda xi, ui: project_residual(xi, ui, ls.axis, beta))(x, basis.U_layers)
+    return project_residual(x, _layer_basis(basis, ls), ls.axis, beta)
 
 
 def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool, who: str):
+    """Project every residual-side leaf of ``tree`` (restricted to leaf names in ``only``); ``None`` leaves pass.
+
+    ``strict`` raises when no leaf matched a side (``who`` names the caller in the message).
+    """
     rules = as_residual_sides(sides)
     hits = []
 
@@ -252,8 +294,24 @@ def grasp(
     prefer :func:`grasp_around`, which also projects the gradient before the optimizer.
 
     Example:
-      >>> tx = optax.chain(optax.adamw(1e-3, weight_decay=0.1), grasp(result, {r"w_in$": "writer"}))
-      >>> params = grasp_init_params(params, result, {r"w_in$": "writer"})   # LoRA: project A0 once
+      >>> import jax.numpy as jnp, numpy as np, optax
+      >>> from jaxlab.transforms.grasp import grasp
+      >>> U = np.eye(3)[:, :1]                                   # d_model = 3, k = 1
+      >>> upd = {"attn": {"o": {"kernel": jnp.ones((2, 3))},     # writer (d_in, d_model): output axis
+      ...                 "q": {"kernel": jnp.ones((3, 2))}}}    # reader (d_model, d_out): input axis
+      >>> tx = grasp(U)
+      >>> out, _ = tx.update(upd, tx.init(upd))
+      >>> out["attn"]["o"]["kernel"].tolist(), out["attn"]["q"]["kernel"].tolist()
+      ([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]], [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+
+      After AdamW (decoupled weight decay included) the final update has no component along ``U``;
+      other module names get a side by pattern:
+
+      >>> params = {"w_in": {"kernel": jnp.ones((2, 3))}}
+      >>> tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), grasp(U, {r"w_in$": "writer"}))
+      >>> step, _ = tx.update({"w_in": {"kernel": jnp.arange(6.0).reshape(2, 3)}}, tx.init(params), params)
+      >>> float(jnp.abs(step["w_in"]["kernel"] @ U).max())
+      0.0
 
     Reference: arXiv 2605.27676 (GRASP); specs/grasp.md sec. 3.
     """
@@ -296,7 +354,16 @@ def grasp_around(
       The chained transformation.
 
     Example:
-      >>> tx = grasp_around(optax.adamw(1e-3, weight_decay=0.1), result, sides)
+      >>> import jax.numpy as jnp, numpy as np, optax
+      >>> from jaxlab.transforms.grasp import grasp_around
+      >>> U = np.eye(3)[:, :1]
+      >>> params = {"attn": {"o": {"kernel": jnp.ones((2, 3))}}}
+      >>> tx = grasp_around(optax.adam(1e-2), U)
+      >>> grads = {"attn": {"o": {"kernel": jnp.arange(6.0).reshape(2, 3)}}}
+      >>> step, state = tx.update(grads, tx.init(params), params)
+      >>> adam_mu = state[1][0].mu["attn"]["o"]["kernel"]        # Adam's first moment never sees span(U)
+      >>> float(jnp.abs(adam_mu @ U).max()), float(jnp.abs(step["attn"]["o"]["kernel"] @ U).max())
+      (0.0, 0.0)
     """
     g = grasp(subspace, sides, beta=beta, only=only)
     return optax.chain(g, inner, g)
@@ -315,6 +382,15 @@ def project_lora(params, subspace, sides=None, *, beta: float = 1.0):
 
     Returns:
       The param tree with projected LoRA factors.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from jaxlab.transforms.grasp import project_lora
+      >>> U = np.eye(3)[:, :1]
+      >>> p = {"mlp": {"down": {"kernel": jnp.ones((2, 3)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 3))}}}
+      >>> q = project_lora(p, U)["mlp"]["down"]                  # a writer: lora_b (r, d_model) loses e_0
+      >>> q["lora_b"].tolist(), q["lora_a"].tolist(), q["kernel"].tolist()
+      ([[0.0, 1.0, 1.0]], [[1.0], [1.0]], [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     """
     return _map_projected(params, _as_basis(subspace), sides, _check_beta(beta), only=LORA_LEAVES,
                           strict=True, who="project_lora")
@@ -331,6 +407,14 @@ def grasp_init_params(params, subspace, sides=None):
 
     Returns:
       Params with projected LoRA factors (the forward pass is unchanged since ``B_0 = 0``).
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from jaxlab.transforms.grasp import grasp_init_params
+      >>> U = np.eye(3)[:, :1]
+      >>> p = {"attn": {"q": {"kernel": jnp.ones((3, 2)), "lora_a": jnp.ones((3, 1)), "lora_b": jnp.zeros((1, 2))}}}
+      >>> grasp_init_params(p, U)["attn"]["q"]["lora_a"].tolist()   # a reader: U^T A0 = 0
+      [[0.0], [1.0], [1.0]]
     """
     return project_lora(params, subspace, sides, beta=1.0)
 
@@ -345,6 +429,15 @@ def project_finetune(params, base_params, subspace, sides=None, *, beta: float =
 
     Returns:
       Params whose change from ``base_params`` has no component along ``span(U)`` on the residual axis.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from jaxlab.transforms.grasp import project_finetune
+      >>> U = np.eye(3)[:, :1]
+      >>> base = {"mlp": {"down": {"kernel": jnp.full((2, 3), 5.0)}}}
+      >>> tuned = {"mlp": {"down": {"kernel": jnp.full((2, 3), 6.0)}}}
+      >>> project_finetune(tuned, base, U)["mlp"]["down"]["kernel"].tolist()   # W0 U kept, the change along U dropped
+      [[5.0, 6.0, 6.0], [5.0, 6.0, 6.0]]
     """
     delta = jax.tree.map(lambda a, b: a - b, params, base_params)
     pd = _map_projected(delta, _as_basis(subspace), sides, _check_beta(beta), strict=True, who="project_finetune")
@@ -363,6 +456,13 @@ def subspace_leakage(delta, subspace, sides=None) -> dict[str, float]:
 
     Returns:
       ``{keystr(path): ratio}`` for every residual-side leaf (``0.0`` for an all-zero change).
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from jaxlab.transforms.grasp import subspace_leakage
+      >>> U = np.eye(3)[:, :1]
+      >>> subspace_leakage({"mlp": {"down": {"kernel": jnp.array([[3.0, 4.0, 0.0]])}}}, U)   # 3 / 5
+      {"['mlp']['down']['kernel']": 0.6}
     """
     basis = _as_basis(subspace)
     rules = as_residual_sides(sides)

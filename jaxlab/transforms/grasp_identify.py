@@ -18,6 +18,16 @@ and the top-``k`` eigenvectors of ``C`` form ``U (d_model, k)``. ``k`` defaults 
 direction shared by the modules; the result reports the eigengap and the explained energy so a caller can
 tell (``result.trustworthy``).
 
+:func:`identify_spurious_subspace` composes four steps, each a function of this module:
+
+1. :func:`collect_lora_modules` / :func:`common_residual_width`: which adapted modules read or write the
+   residual stream, and its width ``d_model``;
+2. :func:`residual_directions`: per module, the residual-side singular vectors and their weights
+   (:func:`lora_svd`, :func:`direction_weights`);
+3. :func:`pool_directions`: the spectrum of ``C`` without forming it;
+4. :func:`choose_k`, :func:`top_k_basis`, :func:`eigengap_and_energy` (and :func:`per_layer_subspaces`):
+   the subspace and its diagnostics.
+
 Reference: Gilligan-Lee, Egan, Zhu, O'Riordan, arXiv 2605.27676 (GRASP); ``specs/grasp.md`` sec. 2.
 """
 
@@ -30,9 +40,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.transforms.residual_sides import READER, as_residual_sides, path_str
+from jaxlab.transforms.residual_sides import LORA_LEAVES, READER, ResidualSides, as_residual_sides, path_str
 
-__all__ = ["SpuriousSubspace", "identify_spurious_subspace", "lora_svd"]
+__all__ = [
+    "LoraModule",
+    "ModuleDirections",
+    "SpuriousSubspace",
+    "choose_k",
+    "collect_lora_modules",
+    "common_residual_width",
+    "direction_weights",
+    "eigengap_and_energy",
+    "identify_spurious_subspace",
+    "lora_svd",
+    "per_layer_subspaces",
+    "pool_directions",
+    "residual_directions",
+    "top_k_basis",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +126,8 @@ def lora_svd(a, b, scale: float = 1.0):
       ``(left (d_in, r), sigma (r,), right (d_out, r))`` in float64 numpy, ``sigma`` descending.
 
     Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import lora_svd
       >>> left, s, right = lora_svd(np.ones((4, 1)), np.ones((1, 3)))
       >>> round(float(s[0]), 4)   # ||1_4 1_3^T||_2 = sqrt(12)
       3.4641
@@ -115,20 +142,286 @@ def lora_svd(a, b, scale: float = 1.0):
     return qa @ uc, s, qb @ vct.T
 
 
-def _weights(s: np.ndarray, weighting: str) -> np.ndarray:
+# ---------------------------------------------------------------- 1. which modules touch the residual stream
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module and the side on which its update ``dW = s A B`` touches the residual stream.
+
+    Attributes:
+      path: module path (``"block_0/attn/q"``): the tree path of its LoRA leaves without the leaf name.
+      side: ``"reader"`` (residual on the input side, ``lora_a (..., d_model, r)``) or ``"writer"``
+        (residual on the output side, ``lora_b (..., r, d_model)``).
+      a: ``lora_a`` as a numpy array ``(..., d_in, r)``; leading axes are a layer stack.
+      b: ``lora_b`` as a numpy array ``(..., r, d_out)``.
+      residual_leaf: ``jax.tree_util.keystr`` of the residual-side factor (``lora_a`` of a reader,
+        ``lora_b`` of a writer), for error messages.
+      layer: block index parsed from ``path`` (``ResidualSides.layer_of``), or ``None``.
+    """
+
+    path: str
+    side: str
+    a: np.ndarray
+    b: np.ndarray
+    residual_leaf: str
+    layer: int | None
+
+    @property
+    def width(self) -> int:
+        """The residual width this module sees: ``d_in`` of a reader, ``d_out`` of a writer."""
+        return self.a.shape[-2] if self.side == READER else self.b.shape[-1]
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the factors carry leading layer-stack axes (scanned layers)."""
+        return self.a.ndim > 2
+
+
+def _group_lora_leaves(lora_params) -> dict[str, dict[str, tuple]]:
+    """``{module path: {"lora_a": (tree path, leaf), "lora_b": (tree path, leaf)}}`` (a pair may be partial)."""
+    grouped: dict[str, dict] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(lora_params)[0]:
+        parts = path_str(path).split("/")
+        if parts[-1] in LORA_LEAVES:
+            grouped.setdefault("/".join(parts[:-1]), {})[parts[-1]] = (path, leaf)
+    return grouped
+
+
+def collect_lora_modules(lora_params, sides=None) -> list[LoraModule]:
+    """The LoRA-adapted modules that read or write the residual stream, sorted by module path.
+
+    In Flax layout a module's update is ``dW = s A B`` with ``A (d_in, r)``, ``B (r, d_out)``, so
+
+    .. math::
+        \\operatorname{col}(dW) \\subseteq \\operatorname{col}(A) \\subset \\mathbb{R}^{d_{in}},\\qquad
+        \\operatorname{row}(dW) \\subseteq \\operatorname{col}(B^T) \\subset \\mathbb{R}^{d_{out}}:
+
+    a *reader* (``d_in = d_model``: q, k, v, MLP up/gate, unembedding) moves what the module reads from the
+    residual stream within ``col(A)``; a *writer* (``d_out = d_model``: attention out, MLP down, embedding)
+    writes into the residual stream within ``col(B^T)``. The side comes from the residual-side rules
+    matched against the module path; modules no rule claims (or a rule maps to ``None``) are skipped.
+
+    Args:
+      lora_params: param tree holding ``lora_a (..., d_in, r)`` / ``lora_b (..., r, d_out)`` pairs.
+      sides: residual-side rules (see :func:`jaxlab.transforms.residual_sides.as_residual_sides`).
+
+    Returns:
+      One :class:`LoraModule` per adapted module with a declared side.
+
+    Raises:
+      ValueError: a declared module lacks ``lora_a`` or ``lora_b``, its factors do not fit
+        (naming both leaves and shapes), or no LoRA pair sits in a module with a declared side.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import collect_lora_modules
+      >>> p = {"block_0": {"attn": {"q": {"lora_a": np.ones((8, 2)), "lora_b": np.ones((2, 4))},
+      ...                           "o": {"lora_a": np.ones((4, 2)), "lora_b": np.ones((2, 8))}},
+      ...                  "ln1": {"lora_a": np.ones((8, 1)), "lora_b": np.ones((1, 8))}}}
+      >>> [(m.path, m.side, m.width, m.layer) for m in collect_lora_modules(p)]
+      [('block_0/attn/o', 'writer', 8, 0), ('block_0/attn/q', 'reader', 8, 0)]
+    """
+    rules = as_residual_sides(sides)
+    grouped = _group_lora_leaves(lora_params)
+    modules = []
+    for mod, pair in sorted(grouped.items()):
+        side = rules.side_of(mod)
+        if side is None:
+            continue
+        if set(pair) != set(LORA_LEAVES):
+            missing = (set(LORA_LEAVES) - set(pair)).pop()
+            raise ValueError(f"identify_spurious_subspace: module {mod!r} has no {missing!r} leaf")
+        (pa, a), (pb, b) = pair["lora_a"], pair["lora_b"]
+        a = np.asarray(a)
+        b = np.asarray(b)
+        if a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+            raise ValueError(
+                f"identify_spurious_subspace: LoRA factors {jax.tree_util.keystr(pa)} {a.shape} and "
+                f"{jax.tree_util.keystr(pb)} {b.shape} do not fit; expected lora_a (..., d_in, r) and "
+                f"lora_b (..., r, d_out)"
+            )
+        residual_leaf = jax.tree_util.keystr(pa if side == READER else pb)
+        modules.append(LoraModule(mod, side, a, b, residual_leaf, rules.layer_of(mod)))
+    if not modules:
+        raise ValueError(
+            "identify_spurious_subspace: found no lora_a/lora_b pair in a module with a declared residual "
+            f"side; LoRA modules present: {sorted(grouped)}; rules: {rules.rules}"
+        )
+    return modules
+
+
+def common_residual_width(modules: list[LoraModule]) -> int:
+    """``d_model``: the residual width of the modules (the most common one; any other is an error).
+
+    A module whose residual-side width differs is almost always a module whose side is declared wrongly
+    (a reader taken for a writer sees ``d_out``, not ``d_model``).
+
+    Args:
+      modules: from :func:`collect_lora_modules`.
+
+    Returns:
+      ``d_model`` (``0`` for no modules).
+
+    Raises:
+      ValueError: a module's residual width differs, naming its residual-side leaf and shape.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import collect_lora_modules, common_residual_width
+      >>> p = {"attn": {"q": {"lora_a": np.ones((8, 2)), "lora_b": np.ones((2, 4))}}}
+      >>> common_residual_width(collect_lora_modules(p))
+      8
+    """
+    widths = [m.width for m in modules]
+    d_model = max(set(widths), key=widths.count) if widths else 0
+    for m in modules:
+        if m.width != d_model:
+            raise ValueError(
+                f"identify_spurious_subspace: {m.side} leaf {m.residual_leaf} has residual width {m.width} "
+                f"(shape {(m.a if m.side == READER else m.b).shape}); expected d_model={d_model} like the "
+                f"other modules (is its side declared correctly?)"
+            )
+    return d_model
+
+
+# ---------------------------------------------------------------- 2. per-module residual directions
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleDirections:
+    """The residual-side singular directions of one module's update (one slice of a stacked module).
+
+    Attributes:
+      module: the module path.
+      layer: block index: the slice index of a stacked module, else parsed from the path (or ``None``).
+      vectors: ``(d_model, r')`` orthonormal residual-side singular vectors ``v_i``, by descending ``sigma_i``.
+      weights: ``(r',)`` their weights ``w_i`` in the pooled matrix ``C`` (:func:`direction_weights`).
+      sigma: ``(r,)`` all singular values of ``s A B`` (descending), before any ``top_per_module`` cut.
+    """
+
+    module: str
+    layer: int | None
+    vectors: np.ndarray
+    weights: np.ndarray
+    sigma: np.ndarray
+
+
+def direction_weights(sigma: np.ndarray, weighting: str) -> np.ndarray:
+    """The weight of each singular direction of one module in the pooled matrix ``C`` (the ranking rule).
+
+    .. math::
+        \\text{energy: } w_i = \\frac{\\sigma_i^2}{\\sum_j \\sigma_j^2} = \\frac{\\sigma_i^2}{\\lVert dW \\rVert_F^2},
+        \\qquad \\text{sigma: } w_i = \\frac{\\sigma_i}{\\sum_j \\sigma_j},
+        \\qquad \\text{uniform: } w_i = \\frac{[\\sigma_i > 0]}{\\#\\{j: \\sigma_j > 0\\}}.
+
+    Each rule gives a module unit total weight (zero for an all-zero update), so no module dominates ``C``
+    by the size of its update alone.
+
+    Args:
+      sigma: ``(r,)`` singular values of ``dW``.
+      weighting: ``"energy"`` (the spec's default), ``"sigma"`` or ``"uniform"``.
+
+    Returns:
+      ``(r,)`` non-negative weights.
+
+    Raises:
+      ValueError: unknown ``weighting``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import direction_weights
+      >>> direction_weights(np.array([2.0, 1.0, 0.0]), "energy").tolist()
+      [0.8, 0.2, 0.0]
+    """
     if weighting == "energy":
-        tot = float(np.sum(s**2))
-        return s**2 / tot if tot > 0 else np.zeros_like(s)
+        tot = float(np.sum(sigma**2))
+        return sigma**2 / tot if tot > 0 else np.zeros_like(sigma)
     if weighting == "sigma":
-        tot = float(np.sum(s))
-        return s / tot if tot > 0 else np.zeros_like(s)
+        tot = float(np.sum(sigma))
+        return sigma / tot if tot > 0 else np.zeros_like(sigma)
     if weighting == "uniform":
-        return np.where(s > 0, 1.0 / max(int(np.sum(s > 0)), 1), 0.0)
+        return np.where(sigma > 0, 1.0 / max(int(np.sum(sigma > 0)), 1), 0.0)
     raise ValueError(f"identify_spurious_subspace: weighting={weighting!r}; expected 'energy', 'sigma' or 'uniform'")
 
 
-def _eig(vectors: list[np.ndarray], weights: list[np.ndarray], d: int):
-    """Eigen-decomposition of ``C = sum w v v^T`` through the SVD of ``[sqrt(w) v]`` (d x N)."""
+def residual_directions(
+    module: LoraModule, *, scale: float = 1.0, weighting: str = "energy", top_per_module: int | None = None
+) -> list[ModuleDirections]:
+    """The residual-side singular directions of ``dW = s A B`` and their weights, per layer slice.
+
+    .. math::
+        s A B = L \\Sigma R^T \\ (\\text{thin SVD, } :func:`lora_svd`),\\qquad
+        v_i = \\begin{cases} L_{:,i} & \\text{reader (input side)} \\\\ R_{:,i} & \\text{writer (output side)} \\end{cases},
+        \\qquad w_i = \\text{direction\\_weights}(\\sigma)_i .
+
+    ``top_per_module`` keeps the first (largest-``sigma``) directions. A stacked module gives one entry
+    per slice of its flattened leading axes, with ``layer`` the slice index.
+
+    Args:
+      module: from :func:`collect_lora_modules`.
+      scale: the LoRA scale ``s`` (scales ``sigma``; the weights are scale-free).
+      weighting: see :func:`direction_weights`.
+      top_per_module: keep only this many directions per slice (``None``: all ``r``).
+
+    Returns:
+      One :class:`ModuleDirections` per layer slice.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import collect_lora_modules, residual_directions
+      >>> p = {"mlp": {"down": {"lora_a": np.eye(4)[:, :1], "lora_b": 2.0 * np.eye(3)[:1]}}}  # writer, d_model = 3
+      >>> (d,) = residual_directions(collect_lora_modules(p)[0])
+      >>> np.abs(d.vectors[:, 0]).tolist(), d.sigma.tolist(), d.weights.tolist()
+      ([1.0, 0.0, 0.0], [2.0], [1.0])
+    """
+    a2 = module.a.reshape((-1,) + module.a.shape[-2:])
+    b2 = module.b.reshape((-1,) + module.b.shape[-2:])
+    out = []
+    for i in range(a2.shape[0]):
+        left, s, right = lora_svd(a2[i], b2[i], scale)
+        v = left if module.side == READER else right
+        w = direction_weights(s, weighting)
+        if top_per_module is not None:
+            v, w = v[:, :top_per_module], w[:top_per_module]
+        out.append(ModuleDirections(module.path, i if module.stacked else module.layer, v, w, s))
+    return out
+
+
+def _module_sigma(directions: list[ModuleDirections]) -> np.ndarray:
+    """Singular values of one module: ``(r,)``, or ``(L, r)`` for a stack of ``L > 1`` slices."""
+    return np.stack([d.sigma for d in directions]) if len(directions) > 1 else directions[0].sigma
+
+
+# ---------------------------------------------------------------- 3. pooling across modules
+
+
+def pool_directions(vectors: list[np.ndarray], weights: list[np.ndarray], d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition of the pooled matrix ``C = sum_n w_n v_n v_n^T`` without forming ``C``.
+
+    .. math::
+        M = \\big[\\sqrt{w_1}\\, v_1, \\dots, \\sqrt{w_N}\\, v_N\\big] \\in \\mathbb{R}^{d \\times N},\\quad
+        C = M M^T,\\quad M = Q S Z^T \\;\\Rightarrow\\; C = Q S^2 Q^T,
+
+    so the eigenvectors of ``C`` are the left singular vectors of ``M`` and its eigenvalues ``S^2``.
+    With ``"energy"`` weights every non-zero module contributes trace 1, so ``sum(lambda)`` counts them.
+
+    Args:
+      vectors: per module (slice) ``(d, r_n)`` directions.
+      weights: per module (slice) ``(r_n,)`` weights.
+      d: the residual width (shape of the empty result).
+
+    Returns:
+      ``(eigenvectors (d, min(d, N)), eigenvalues (min(d, N),))``, eigenvalues descending.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import pool_directions
+      >>> e = np.eye(3)
+      >>> q, lam = pool_directions([e[:, :2], e[:, :1]], [np.array([0.5, 0.5]), np.array([1.0])], 3)
+      >>> lam.round(6).tolist(), np.abs(q[:, 0]).round(6).tolist()   # C = 1.5 e0 e0^T + 0.5 e1 e1^T
+      ([1.5, 0.5, 0.0], [1.0, 0.0, 0.0])
+    """
     if not vectors:
         return np.zeros((d, 0)), np.zeros((0,))
     m = np.concatenate([v * np.sqrt(w)[None, :] for v, w in zip(vectors, weights)], axis=1)
@@ -136,7 +429,32 @@ def _eig(vectors: list[np.ndarray], weights: list[np.ndarray], d: int):
     return u, s**2
 
 
-def _choose_k(lam: np.ndarray, k: int | None, max_k: int) -> int:
+# ---------------------------------------------------------------- 4. the subspace and its diagnostics
+
+
+def choose_k(lam: np.ndarray, k: int | None, max_k: int) -> int:
+    """The number of kept directions: ``k`` if given, else the position of the largest eigengap.
+
+    .. math::
+        k^* = \\operatorname*{arg\\,max}_{1 \\le j \\le \\min(\\text{max\\_k},\\, n - 1)} \\lambda_j / \\lambda_{j+1},
+        \\qquad n = \\#\\{j : \\lambda_j > 10^{-12} \\lambda_1\\},
+
+    and ``k* = n`` when ``n <= 1`` (nothing to compare).
+
+    Args:
+      lam: eigenvalues of ``C``, descending.
+      k: a fixed ``k`` (returned as is) or ``None``.
+      max_k: upper bound for the automatic choice.
+
+    Returns:
+      ``k``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import choose_k
+      >>> choose_k(np.array([4.0, 3.5, 0.5, 0.4]), None, max_k=3)   # gaps 1.14, 7, 1.25
+      2
+    """
     if k is not None:
         return int(k)
     n = int(np.sum(lam > 1e-12 * max(float(lam[0]) if lam.size else 0.0, 1e-300)))
@@ -147,13 +465,97 @@ def _choose_k(lam: np.ndarray, k: int | None, max_k: int) -> int:
     return int(np.argmax(ratios)) + 1 if ratios else 1
 
 
-def _gap_energy(lam: np.ndarray, k: int) -> tuple[float, float]:
+def top_k_basis(eigvecs: np.ndarray, k: int, d: int) -> np.ndarray:
+    """``U (d, k)``: the first ``k`` eigenvectors of ``C``, zero-padded when ``C`` has fewer than ``k``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import top_k_basis
+      >>> top_k_basis(np.eye(3)[:, :1], 2, 3).tolist()
+      [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    """
+    basis = np.zeros((d, k))
+    basis[:, : min(k, eigvecs.shape[1])] = eigvecs[:, :k]
+    return basis
+
+
+def eigengap_and_energy(lam: np.ndarray, k: int) -> tuple[float, float]:
+    """Identification diagnostics of the top-``k`` subspace of ``C``.
+
+    .. math::
+        \\text{eigengap} = \\lambda_k / \\lambda_{k+1}
+        \\ (\\infty \\text{ when } \\lambda_{k+1} \\le 10^{-12} \\lambda_1),\\qquad
+        \\text{explained energy} = \\textstyle\\sum_{j \\le k} \\lambda_j / \\sum_j \\lambda_j .
+
+    A large eigengap says the kept directions stand clearly above the rest (the factor is the dominant
+    shared direction, the condition under which identification works); ``(nan, 0.0)`` for ``k = 0``.
+
+    Args:
+      lam: eigenvalues of ``C``, descending.
+      k: number of kept directions.
+
+    Returns:
+      ``(eigengap, explained_energy)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import eigengap_and_energy
+      >>> eigengap_and_energy(np.array([4.0, 1.0, 1.0]), 1)
+      (4.0, 0.6666666666666666)
+    """
     if k == 0:
         return float("nan"), 0.0
     tot = float(np.sum(lam))
     nxt = float(lam[k]) if lam.size > k else 0.0
     gap = float(lam[k - 1]) / nxt if nxt > 1e-12 * float(lam[0]) else float("inf")
     return gap, float(np.sum(lam[:k])) / tot if tot > 0 else 0.0
+
+
+def per_layer_subspaces(
+    directions: list[ModuleDirections], k: int, d: int, layer_pattern: str = ResidualSides.layer_pattern
+) -> tuple[jax.Array, tuple[int, ...], np.ndarray, np.ndarray]:
+    """One basis per block: pool only the directions of block ``l``, with the global ``k``.
+
+    .. math:: C_l = \\sum_{n \\in \\text{block } l} w_n v_n v_n^T,\\qquad U_l = \\operatorname{top}_k \\operatorname{eig}(C_l).
+
+    Args:
+      directions: from :func:`residual_directions`; those with ``layer=None`` (embedding, unembedding)
+        take part only in the global ``C``.
+      k: number of directions per block.
+      d: the residual width.
+      layer_pattern: the layer regex, named in the error message.
+
+    Returns:
+      ``(U_layers (L, d, k) float32, layer_ids, eigengaps (L,), explained_energies (L,))``.
+
+    Raises:
+      ValueError: no direction carries a layer index.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import ModuleDirections, per_layer_subspaces
+      >>> e, one = np.eye(3), np.ones(1)
+      >>> dirs = [ModuleDirections("block_0/attn/o", 0, e[:, :1], one, one),
+      ...         ModuleDirections("block_1/attn/o", 1, e[:, 2:], one, one)]
+      >>> u_layers, ids, gaps, energies = per_layer_subspaces(dirs, 1, 3)
+      >>> ids, np.abs(u_layers[:, :, 0]).tolist(), energies.tolist()
+      ((0, 1), [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], [1.0, 1.0])
+    """
+    ids = sorted({x.layer for x in directions if x.layer is not None})
+    if not ids:
+        raise ValueError(
+            "identify_spurious_subspace: aggregation='per_layer' but no module path carries a layer index "
+            f"(pattern {layer_pattern!r}) and no LoRA leaf is stacked"
+        )
+    per, gaps, energies = [], [], []
+    for lid in ids:
+        sel = [x for x in directions if x.layer == lid]
+        u_l, lam_l = pool_directions([x.vectors for x in sel], [x.weights for x in sel], d)
+        per.append(top_k_basis(u_l, k, d))
+        g, e = eigengap_and_energy(lam_l, k)
+        gaps.append(g)
+        energies.append(e)
+    return jnp.asarray(np.stack(per), jnp.float32), tuple(ids), np.asarray(gaps), np.asarray(energies)
 
 
 def identify_spurious_subspace(
@@ -175,7 +577,10 @@ def identify_spurious_subspace(
         w_{m,i} = \\sigma_{m,i}^2 / \\textstyle\\sum_j \\sigma_{m,j}^2, \\quad U = \\operatorname{top}_k \\operatorname{eig}(C),
 
     with ``v_{m,i}`` the residual-side singular vectors of ``dW_m = s A_m B_m`` (input side for readers,
-    output side for writers; see :func:`lora_svd`).
+    output side for writers; see :func:`lora_svd`). The steps: :func:`collect_lora_modules` (sides),
+    :func:`common_residual_width` (``d_model``), :func:`residual_directions` (``v``, ``w``),
+    :func:`pool_directions` (spectrum of ``C``), :func:`choose_k`, :func:`top_k_basis`,
+    :func:`eigengap_and_energy` and, per block, :func:`per_layer_subspaces`.
 
     Args:
       lora_params: a param tree holding ``lora_a (d_in, r)`` / ``lora_b (r, d_out)`` pairs (from
@@ -198,108 +603,56 @@ def identify_spurious_subspace(
         widths that differ between modules, or bad arguments.
 
     Example:
-      >>> res = identify_spurious_subspace(params, sides={r"w_in$": "writer"}, k=1)
-      >>> res.U.shape, res.trustworthy
-      ((16, 1), True)
+      Three writers (``attn/o``) whose rank-2 updates share the planted direction ``e_0`` of an
+      8-wide residual stream (singular value 3), each next to its own unit task direction ``e_{i+1}``:
+
+      >>> import numpy as np
+      >>> from jaxlab.transforms.grasp_identify import identify_spurious_subspace
+      >>> e = np.eye(8)
+      >>> params = {f"block_{i}": {"attn": {"o": {"lora_a": np.eye(4)[:, :2],
+      ...                                         "lora_b": np.stack([3 * e[0], e[i + 1]])}}}
+      ...           for i in range(3)}
+      >>> res = identify_spurious_subspace(params)
+      >>> res.U.shape, res.k, abs(float(res.U[0, 0])), res.trustworthy
+      ((8, 1), 1, 1.0, True)
+      >>> res.eigenvalues.round(6).tolist()   # 3 modules x 9/10 along e_0; 1/10 per task direction
+      [2.7, 0.1, 0.1, 0.1, 0.0, 0.0]
+      >>> round(res.eigengap, 6), round(res.explained_energy, 6)
+      (27.0, 0.9)
     """
     if aggregation not in ("global", "per_layer"):
         raise ValueError(f"identify_spurious_subspace: aggregation={aggregation!r}; expected 'global' or 'per_layer'")
     if k is not None and k < 0:
         raise ValueError(f"identify_spurious_subspace: k={k} must be >= 0")
     rules = as_residual_sides(sides)
-    flat = jax.tree_util.tree_flatten_with_path(lora_params)[0]
-    modules: dict[str, dict] = {}
-    for path, leaf in flat:
-        parts = path_str(path).split("/")
-        if parts[-1] in ("lora_a", "lora_b"):
-            modules.setdefault("/".join(parts[:-1]), {})[parts[-1]] = (path, leaf)
 
-    vecs: list[np.ndarray] = []
-    wts: list[np.ndarray] = []
-    layers: list[int | None] = []
-    module_sv: dict[str, np.ndarray] = {}
-    checked = []
-    for mod, pair in sorted(modules.items()):
-        side = rules.side_of(mod)
-        if side is None:
-            continue
-        if set(pair) != {"lora_a", "lora_b"}:
-            missing = ({"lora_a", "lora_b"} - set(pair)).pop()
-            raise ValueError(f"identify_spurious_subspace: module {mod!r} has no {missing!r} leaf")
-        (pa, a), (pb, b) = pair["lora_a"], pair["lora_b"]
-        a = np.asarray(a)
-        b = np.asarray(b)
-        if a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-            raise ValueError(
-                f"identify_spurious_subspace: LoRA factors {jax.tree_util.keystr(pa)} {a.shape} and "
-                f"{jax.tree_util.keystr(pb)} {b.shape} do not fit; expected lora_a (..., d_in, r) and "
-                f"lora_b (..., r, d_out)"
-            )
-        width = a.shape[-2] if side == READER else b.shape[-1]
-        checked.append((mod, side, a, b, pa if side == READER else pb, width))
-    widths = [c[-1] for c in checked]
-    d_model = max(set(widths), key=widths.count) if widths else 0
-    for _mod, side, a, b, pleaf, width in checked:
-        if width != d_model:
-            raise ValueError(
-                f"identify_spurious_subspace: {side} leaf {jax.tree_util.keystr(pleaf)} has residual width "
-                f"{width} (shape {(a if side == READER else b).shape}); expected d_model={d_model} like the "
-                f"other modules (is its side declared correctly?)"
-            )
-    for mod, side, a, b, _, _ in checked:
-        a2 = a.reshape((-1,) + a.shape[-2:])
-        b2 = b.reshape((-1,) + b.shape[-2:])
-        layer0 = rules.layer_of(mod)
-        svs = []
-        for i in range(a2.shape[0]):
-            left, s, right = lora_svd(a2[i], b2[i], scale)
-            v = left if side == READER else right
-            w = _weights(s, weighting)
-            if top_per_module is not None:
-                v, w = v[:, :top_per_module], w[:top_per_module]
-            vecs.append(v)
-            wts.append(w)
-            layers.append(i if a.ndim > 2 else layer0)
-            svs.append(s)
-        module_sv[mod] = np.stack(svs) if len(svs) > 1 else svs[0]
-    if not vecs:
-        raise ValueError(
-            "identify_spurious_subspace: found no lora_a/lora_b pair in a module with a declared residual "
-            f"side; LoRA modules present: {sorted(modules)}; rules: {rules.rules}"
-        )
+    # 1. the adapted modules that read / write the residual stream, and its width
+    modules = collect_lora_modules(lora_params, rules)
+    d_model = common_residual_width(modules)
 
-    u, lam = _eig(vecs, wts, d_model)
-    kk = _choose_k(lam, k, max_k)
+    # 2. per module (and layer slice): residual-side singular vectors and their weights
+    per_module = {
+        m.path: residual_directions(m, scale=scale, weighting=weighting, top_per_module=top_per_module)
+        for m in modules
+    }
+    directions = [x for dirs in per_module.values() for x in dirs]
+
+    # 3. pool them: the spectrum of C = sum w v v^T
+    eigvecs, lam = pool_directions([x.vectors for x in directions], [x.weights for x in directions], d_model)
+
+    # 4. the subspace and its diagnostics
+    kk = choose_k(lam, k, max_k)
     if kk > d_model:
         raise ValueError(f"identify_spurious_subspace: k={kk} exceeds d_model={d_model}")
-    basis = np.zeros((d_model, kk))
-    basis[:, : min(kk, u.shape[1])] = u[:, :kk]
-    gap, energy = _gap_energy(lam, kk)
-
-    u_layers = layer_ids = l_gaps = l_energy = None
+    gap, energy = eigengap_and_energy(lam, kk)
+    u_layers = layer_ids = layer_gaps = layer_energy = None
     if aggregation == "per_layer":
-        ids = sorted({lyr for lyr in layers if lyr is not None})
-        if not ids:
-            raise ValueError(
-                "identify_spurious_subspace: aggregation='per_layer' but no module path carries a layer index "
-                f"(pattern {rules.layer_pattern!r}) and no LoRA leaf is stacked"
-            )
-        per, gaps, ens = [], [], []
-        for lid in ids:
-            sel = [i for i, lyr in enumerate(layers) if lyr == lid]
-            ul, laml = _eig([vecs[i] for i in sel], [wts[i] for i in sel], d_model)
-            b_l = np.zeros((d_model, kk))
-            b_l[:, : min(kk, ul.shape[1])] = ul[:, :kk]
-            per.append(b_l)
-            g, e = _gap_energy(laml, kk)
-            gaps.append(g)
-            ens.append(e)
-        u_layers = jnp.asarray(np.stack(per), jnp.float32)
-        layer_ids = tuple(ids)
-        l_gaps, l_energy = np.asarray(gaps), np.asarray(ens)
+        u_layers, layer_ids, layer_gaps, layer_energy = per_layer_subspaces(
+            directions, kk, d_model, rules.layer_pattern
+        )
 
     return SpuriousSubspace(
-        U=jnp.asarray(basis, jnp.float32),
+        U=jnp.asarray(top_k_basis(eigvecs, kk, d_model), jnp.float32),
         eigenvalues=lam,
         k=kk,
         eigengap=gap,
@@ -307,8 +660,8 @@ def identify_spurious_subspace(
         aggregation=aggregation,
         layer_ids=layer_ids,
         U_layers=u_layers,
-        layer_eigengaps=l_gaps,
-        layer_explained_energy=l_energy,
-        module_singular_values=module_sv,
+        layer_eigengaps=layer_gaps,
+        layer_explained_energy=layer_energy,
+        module_singular_values={path: _module_sigma(dirs) for path, dirs in per_module.items()},
         min_eigengap=min_eigengap,
     )

@@ -68,7 +68,14 @@ _DEFAULT_LAYER_PATTERN = r"(?:^|/)(?:blocks?|layers?|h)_(\d+)(?:/|$)"
 
 
 def path_str(path) -> str:
-    """A tree path (from ``tree_flatten_with_path``) as ``"a/b/c"`` (NNX ``.value`` dropped)."""
+    """A tree path (from ``tree_flatten_with_path``) as ``"a/b/c"`` (NNX ``.value`` dropped).
+
+    Example:
+      >>> import jax
+      >>> from jaxlab.transforms.residual_sides import path_str
+      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"attn": {"q": {"kernel": 0}}})[0]]
+      ['attn/q/kernel']
+    """
     return "/".join(path_keys(path))
 
 
@@ -102,9 +109,12 @@ class ResidualSides:
       layer_pattern: regex whose group 1 is the block index in a module path (``block_3`` -> 3).
 
     Example:
+      >>> from jaxlab.transforms.residual_sides import ResidualSides
       >>> sides = ResidualSides.default().override({r"my_proj$": "writer"})
-      >>> sides.side_of("params/block_0/attn/q")
-      'reader'
+      >>> sides.side_of("params/block_0/attn/q"), sides.side_of("params/block_0/my_proj")
+      ('reader', 'writer')
+      >>> sides.layer_of("params/block_3/attn/o")
+      3
     """
 
     rules: tuple[tuple[str, str | None], ...] = DEFAULT_SIDE_RULES
@@ -148,6 +158,15 @@ class ResidualSides:
 
         Raises:
           ValueError: a leaf of a declared module has fewer axes than its kind needs.
+
+        Example:
+          >>> import jax, numpy as np
+          >>> from jaxlab.transforms.residual_sides import ResidualSides
+          >>> tree = {"block_1": {"mlp": {"down": {"kernel": np.zeros((16, 8))}}}}
+          >>> ((path, leaf),) = jax.tree_util.tree_flatten_with_path(tree)[0]
+          >>> ls = ResidualSides().leaf_side(path, leaf)
+          >>> ls.side, ls.axis, ls.layer, ls.stacked
+          ('writer', -1, 1, False)
         """
         parts = path_str(path).split("/")
         name, module = parts[-1], "/".join(parts[:-1])
@@ -184,6 +203,12 @@ def as_residual_sides(sides) -> ResidualSides:
 
     ``None`` -> the defaults; a :class:`ResidualSides` -> itself; a mapping or a sequence of
     ``(pattern, side)`` pairs -> the defaults overridden by those patterns.
+
+    Example:
+      >>> from jaxlab.transforms.residual_sides import as_residual_sides
+      >>> rules = as_residual_sides({r"attn/q$": None})   # exclude q, keep the other defaults
+      >>> rules.side_of("block_0/attn/q"), rules.side_of("block_0/attn/k")
+      (None, 'reader')
     """
     if sides is None:
         return ResidualSides.default()
