@@ -69,7 +69,7 @@ def test_meanflow_loss_on_dit_has_finite_gradients(dit):
     m, _, params = dit
     x = jax.random.normal(jax.random.PRNGKey(5), (8, 8, 8, 1))
     y = jnp.arange(8) % 3
-    cfg = MeanFlowConfig(jvp_cond_weight="auto", flow_matching_fraction=0.5, cfg_omega=1.5, num_classes=3)
+    cfg = MeanFlowConfig(jvp_cond_weight="auto", flow_matching_fraction=0.5, guidance_scale=1.5, num_classes=3)
     (loss, aux), g = jax.jit(jax.value_and_grad(
         lambda p: meanflow_loss(m.apply, p, x, jax.random.PRNGKey(0), config=cfg, y=y), has_aux=True))(params)
     assert np.isfinite(float(loss)) and all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(g))

@@ -33,11 +33,11 @@ def test_euler_sampler_integrates_a_known_field():
     np.testing.assert_allclose(np.asarray(out), (1 - 1 / 50) ** 50, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(jaxlab.TOY2D_DATASETS))
+@pytest.mark.parametrize("name", list(jaxlab.data.TOY2D_DATASETS))
 def test_trained_model_beats_gaussian(name):
     model = VelocityMLP(hidden=128, depth=3, time_dim=32)
     apply = lambda p, z, r, t: model.apply({"params": p}, z, r, t)
-    sampler = jaxlab.toy2d_sampler(name)
+    sampler = jaxlab.data.toy2d_sampler(name)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros(1), jnp.ones(1))["params"]
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, 1200))
 

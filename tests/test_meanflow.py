@@ -1,5 +1,7 @@
 """MeanFlow loss family: reference transcriptions, reductions to flow matching, JVP checks, oracle, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,13 +10,27 @@ import pytest
 import jaxlab
 from jaxlab.losses import (
     MeanFlowConfig,
+    adaptive_loss,
+    adaptive_weights,
+    control_variate_statistics,
+    drop_labels,
     flow_matching_loss,
     gmm_oracle,
+    guided_velocity,
+    jvp_cond_weight_at,
     logit_normal_time_pairs,
     meanflow_init_state,
     meanflow_loss,
+    meanflow_metrics,
     meanflow_sample,
     meanflow_target,
+    per_row_error,
+    target_variance,
+    two_tangent_jvp,
+    two_tangent_target,
+    update_auto_state,
+    update_vhat_ema,
+    vhat_estimate,
 )
 from jaxlab.nn import VelocityMLP
 
@@ -31,7 +47,7 @@ def model():
 @pytest.fixture(scope="module")
 def batch():
     k = jax.random.split(jax.random.PRNGKey(7), 4)
-    x = jaxlab.eight_gaussians().sample(k[0], B)
+    x = jaxlab.data.eight_gaussians().sample(k[0], B)
     e = jax.random.normal(k[1], (B, 2))
     a, b = jax.random.uniform(k[2], (B,)), jax.random.uniform(k[3], (B,))
     t, r = jnp.maximum(a, b), jnp.minimum(a, b)
@@ -197,13 +213,13 @@ def test_ema_vhat_uses_and_updates_ema_params(model, batch):
                  aux["loss_state"]["vhat_params"], other, params)
 
 
-def test_cfg_target(batch):
+def test_guidance_target(batch):
     m = VelocityMLP(hidden=32, depth=2, time_dim=16, time_scale=1.0, num_classes=3)
     x, e, r, t = batch
     y = jnp.arange(B) % 3
     params = m.init(jax.random.PRNGKey(1), x, t, t, y)
-    cfg = MeanFlowConfig(cfg_omega=2.0, cfg_kappa=0.5, label_dropout=0.0, num_classes=3, adaptive_p=0.0,
-                         cfg_interval=(0.0, 0.6), jvp_cond_weight=1.0)
+    cfg = MeanFlowConfig(guidance_scale=2.0, guidance_kappa=0.5, label_dropout=0.0, num_classes=3, adaptive_p=0.0,
+                         guidance_interval=(0.0, 0.6), jvp_cond_weight=1.0)
     loss, _ = meanflow_loss(m.apply, params, x, jax.random.PRNGKey(0), config=cfg, t=t, r=t, noise=e, y=y)
     z = (1 - t)[:, None] * x + t[:, None] * e
     v = e - x
@@ -212,7 +228,7 @@ def test_cfg_target(batch):
     ref = jnp.mean(jnp.sum((m.apply(params, z, t, t, y) - tgt) ** 2, -1))
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
     # With full dropout every row is unconditional and unguided: plain flow matching on the null class.
-    cfg_d = MeanFlowConfig(cfg_omega=2.0, label_dropout=1.0, num_classes=3, adaptive_p=0.0)
+    cfg_d = MeanFlowConfig(guidance_scale=2.0, label_dropout=1.0, num_classes=3, adaptive_p=0.0)
     loss_d, _ = meanflow_loss(m.apply, params, x, jax.random.PRNGKey(0), config=cfg_d, t=t, r=t, noise=e, y=y)
     ref_d = jnp.mean(jnp.sum((m.apply(params, z, t, t, jnp.full((B,), 3)) - v) ** 2, -1))
     np.testing.assert_allclose(loss_d, ref_d, rtol=1e-5)
@@ -239,11 +255,11 @@ def test_sampler_steps(model):
         (dict(jvp_cond_weight=1.2), "jvp_cond_weight"),
         (dict(jvp_cond_weight=-0.1), "jvp_cond_weight"),
         (dict(jvp_cond_weight="best"), "jvp_cond_weight"),
-        (dict(cfg_omega=2.0), "num_classes"),
+        (dict(guidance_scale=2.0), "num_classes"),
         (dict(reduction="max"), "reduction"),
         (dict(vhat="teacher"), "vhat"),
         (dict(auto_ema_decay=1.0), "auto_ema_decay"),
-        (dict(cfg_interval=(0.8, 0.2)), "cfg_interval"),
+        (dict(guidance_interval=(0.8, 0.2)), "guidance_interval"),
     ],
 )
 def test_bad_configs_raise_naming_the_field(kwargs, field):
@@ -251,12 +267,30 @@ def test_bad_configs_raise_naming_the_field(kwargs, field):
         MeanFlowConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "old, new, value",
+    [("cfg_omega", "guidance_scale", 2.0), ("cfg_kappa", "guidance_kappa", 0.5),
+     ("cfg_interval", "guidance_interval", (0.0, 0.5))],
+)
+def test_renamed_guidance_fields_raise_naming_the_new_field(old, new, value):
+    with pytest.raises(TypeError, match=f"^MeanFlowConfig: '{old}' was renamed to '{new}'$"):
+        MeanFlowConfig(**{old: value}, num_classes=3)
+    with pytest.raises(TypeError, match=f"'{old}' was renamed to '{new}'"):
+        dataclasses.replace(MeanFlowConfig(), **{old: value})
+    with pytest.raises(AttributeError, match=f"'{old}' was renamed to '{new}'"):
+        getattr(MeanFlowConfig(), old)
+    assert getattr(MeanFlowConfig(**{new: value}, num_classes=3), new) == value
+    with pytest.raises(AttributeError, match="'cfg_on' was renamed to 'guidance_on'"):
+        MeanFlowConfig().cfg_on  # noqa: B018
+    assert MeanFlowConfig(guidance_scale=1.0, num_classes=3).guidance_on and not MeanFlowConfig().guidance_on
+
+
 def test_bad_call_inputs_raise(model, batch):
     m, params = model
     x, e, r, t = batch
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="needs labels"):
-        meanflow_loss(m.apply, params, x, key, config=MeanFlowConfig(cfg_omega=1.5, num_classes=3))
+        meanflow_loss(m.apply, params, x, key, config=MeanFlowConfig(guidance_scale=1.5, num_classes=3))
     with pytest.raises(ValueError, match="both t and r"):
         meanflow_loss(m.apply, params, x, key, t=t)
     with pytest.raises(ValueError, match=r"t must have shape \(32,\)"):
@@ -269,12 +303,186 @@ def test_bad_call_inputs_raise(model, batch):
         meanflow_init_state(MeanFlowConfig(vhat="ema"))
 
 
+# ---------------------------------------------------------------- the named pieces of meanflow_loss
+
+
+def _path(batch):
+    x, e, r, t = batch
+    return (1 - t)[:, None] * x + t[:, None] * e, e - x, r, t
+
+
+def test_guided_velocity_matches_formula(batch):
+    """v = omega v_c + kappa u(z,t,t|y) + (1 - omega - kappa) u(z,t,t|null) on guided rows, v_c elsewhere."""
+    m = VelocityMLP(hidden=32, depth=2, time_dim=16, time_scale=1.0, num_classes=3)
+    z, v_c, _, t = _path(batch)
+    y = jnp.arange(B) % 3
+    params = m.init(jax.random.PRNGKey(1), z, t, t, y)
+    drop = jnp.arange(B) % 5 == 0
+    omega, kappa, (lo, hi) = 1.7, 0.4, (0.2, 0.8)
+    kw = dict(scale=omega, kappa=kappa, null_class=3, interval=(lo, hi))
+    v, ub = guided_velocity(m.apply, params, z, t, v_c, y, drop=drop, **kw)
+    u_y, u_null = np.asarray(m.apply(params, z, t, t, y)), np.asarray(m.apply(params, z, t, t, jnp.full(B, 3)))
+    v_g = omega * np.asarray(v_c) + kappa * u_y + (1 - omega - kappa) * u_null
+    guided = np.asarray((t >= lo) & (t <= hi) & ~drop)
+    assert 0 < guided.sum() < B
+    np.testing.assert_allclose(v, np.where(guided[:, None], v_g, v_c), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ub, np.where(np.asarray(drop)[:, None], u_null, u_y), rtol=1e-6)
+    # Without a drop mask every row in the interval is guided and the boundary is the conditional velocity.
+    v_nd, ub_nd = guided_velocity(m.apply, params, z, t, v_c, y, **kw)
+    in_iv = np.asarray((t >= lo) & (t <= hi))
+    np.testing.assert_allclose(v_nd, np.where(in_iv[:, None], v_g, v_c), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ub_nd, u_y, rtol=1e-6)
+    # omega = 1, kappa = 0 is no guidance; the model terms carry no gradient.
+    v1, _ = guided_velocity(m.apply, params, z, t, v_c, y, scale=1.0, kappa=0.0, null_class=3)
+    np.testing.assert_array_equal(v1, v_c)
+    g = jax.grad(lambda p: jnp.sum(guided_velocity(m.apply, p, z, t, v_c, y, **kw)[0]))(params)
+    assert all(float(jnp.max(jnp.abs(leaf))) == 0.0 for leaf in jax.tree.leaves(g))
+    # Label dropout: dropped rows train on the null class.
+    y_in, d = drop_labels(jax.random.PRNGKey(3), y, 0.5, 3)
+    assert 0 < int(d.sum()) < B
+    np.testing.assert_array_equal(y_in, np.where(d, 3, y))
+
+
+def test_vhat_estimate_sources(model, batch, oracle):
+    m, params = model
+    z, _, _, t = _path(batch)
+    other = jax.tree.map(lambda p: 0.5 * p, params)
+    np.testing.assert_allclose(vhat_estimate(m.apply, params, z, t), m.apply(params, z, t, t), rtol=1e-6)
+    np.testing.assert_allclose(vhat_estimate(m.apply, params, z, t, source="ema", ema_params=other),
+                               m.apply(other, z, t, t), rtol=1e-6)
+    np.testing.assert_allclose(vhat_estimate(m.apply, params, z, t, source=oracle.marginal_velocity),
+                               oracle.marginal_velocity(z, t), rtol=1e-6)
+    given = jnp.ones_like(z)
+    assert vhat_estimate(m.apply, params, z, t, boundary=given) is given
+    g = jax.grad(lambda p: jnp.sum(vhat_estimate(m.apply, p, z, t)))(params)
+    assert all(float(jnp.max(jnp.abs(leaf))) == 0.0 for leaf in jax.tree.leaves(g))
+    with pytest.raises(ValueError, match="ema_params"):
+        vhat_estimate(m.apply, params, z, t, source="ema")
+    with pytest.raises(ValueError, match="source must be"):
+        vhat_estimate(m.apply, params, z, t, source="teacher")
+
+
+def test_two_tangent_corners_equal_single_tangent_jvps(model, batch):
+    """base + lam j_eps at lam = 1 is the v_c tangent (MeanFlow), at lam = 0 the vhat tangent (iMF)."""
+    m, params = model
+    z, v, r, t = _path(batch)
+    vhat = m.apply(params, z, t, t)
+    f = lambda z_, r_, t_: m.apply(params, z_, r_, t_)
+    ones, zeros = jnp.ones_like(t), jnp.zeros_like(t)
+    u_ref, d_v = jax.jvp(f, (z, r, t), (v, zeros, ones))
+    _, d_vhat = jax.jvp(f, (z, r, t), (vhat, zeros, ones))
+    _, d_eps = jax.jvp(f, (z, r, t), (v - vhat, zeros, zeros))
+    u, base, j_eps = two_tangent_jvp(m.apply, params, z, r, t, vhat, v - vhat)
+    h = t - r
+    tol = dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(u, u_ref, rtol=1e-6)
+    np.testing.assert_allclose(base, d_vhat, **tol)
+    np.testing.assert_allclose(j_eps, d_eps, **tol)
+    np.testing.assert_allclose(two_tangent_target(v, h, base, j_eps, 1.0), v - h[:, None] * d_v, **tol)
+    np.testing.assert_allclose(two_tangent_target(v, h, base, j_eps, 0.0), v - h[:, None] * d_vhat, **tol)
+    for lam in (0.3, 0.94):  # interior: the single JVP with w = lam v + (1 - lam) vhat
+        _, T_single, _ = meanflow_target(m.apply, params, z, r, t, v, vhat, lam)
+        np.testing.assert_allclose(two_tangent_target(v, h, base, j_eps, lam), T_single, **tol)
+
+
+def test_jvp_cond_weight_modes():
+    st = meanflow_init_state(MeanFlowConfig())
+    assert jvp_cond_weight_at(MeanFlowConfig(jvp_cond_weight=0.3), st) == 0.3
+    sched = MeanFlowConfig(jvp_cond_weight=lambda s: jnp.where(s < 2, 1.0, 0.5))
+    assert float(jvp_cond_weight_at(sched, st)) == 1.0
+    assert float(jvp_cond_weight_at(sched, {**st, "step": jnp.int32(2)})) == 0.5
+    auto = MeanFlowConfig(jvp_cond_weight="auto", auto_init=0.6)
+    with_stats = lambda num, den: {**st, "auto_num": jnp.float32(num), "auto_den": jnp.float32(den)}
+    np.testing.assert_allclose(jvp_cond_weight_at(auto, st), 0.6)  # no statistics yet
+    np.testing.assert_allclose(jvp_cond_weight_at(auto, with_stats(0.2, 0.8)), 0.25)
+    np.testing.assert_allclose(jvp_cond_weight_at(auto, with_stats(2.0, 1.0)), 1.0)  # clipped
+    np.testing.assert_allclose(jvp_cond_weight_at(auto, with_stats(-1.0, 1.0)), 0.0)
+    new = update_auto_state(with_stats(0.2, 0.8), jnp.float32(1.0), jnp.float32(2.0), 0.9)
+    np.testing.assert_allclose([new["auto_num"], new["auto_den"]], [0.9 * 0.2 + 0.1, 0.9 * 0.8 + 0.2], rtol=1e-6)
+    assert new["step"] is st["step"]
+
+
+def test_auto_step_matches_explicit_jacobian_computation(model, batch):
+    """One "auto" step rebuilt in numpy from jacfwd Jacobians: weights at the previous estimate, pooled
+    statistics, EMA, new coefficient, target, loss and the target-variance proxy."""
+    m, params = model
+    x, e, r, t = batch
+    p, c, dcy, num0, den0 = 0.75, 1e-2, 0.9, 0.3, 0.5
+    cfg = MeanFlowConfig(jvp_cond_weight="auto", adaptive_p=p, adaptive_c=c, auto_ema_decay=dcy)
+    st = {**meanflow_init_state(cfg), "auto_num": jnp.float32(num0), "auto_den": jnp.float32(den0)}
+    loss, aux = meanflow_loss(m.apply, params, x, jax.random.PRNGKey(0), config=cfg, t=t, r=r, noise=e,
+                              loss_state=st)
+
+    z, v, r, t = _path(batch)
+    f = lambda zi, ri, ti: m.apply(params, zi[None], ri[None], ti[None])[0]
+    J = np.asarray(jax.vmap(jax.jacfwd(f, 0))(z, r, t), np.float64)
+    dt = np.asarray(jax.vmap(jax.jacfwd(f, 2))(z, r, t), np.float64)
+    u = np.asarray(m.apply(params, z, r, t), np.float64)
+    vhat = np.asarray(m.apply(params, z, t, t), np.float64)
+    v, h = np.asarray(v, np.float64), np.asarray(t - r, np.float64)[:, None]
+    Jv = lambda w: np.einsum("bij,bj->bi", J, w)
+    target = lambda lam: v - h * (Jv(lam * v + (1 - lam) * vhat) + dt)
+    eps = v - vhat
+    a = h * Jv(eps)
+    w = 1.0 / (np.sum((u - target(num0 / den0)) ** 2, -1) + c) ** p
+    num, den = np.mean(w * np.sum(eps * a, -1)), np.mean(w * np.sum(a * a, -1))
+    num1, den1 = dcy * num0 + (1 - dcy) * num, dcy * den0 + (1 - dcy) * den
+    lam = float(np.clip(num1 / den1, 0.0, 1.0))
+    d = np.sum((u - target(lam)) ** 2, -1)
+
+    assert 0.0 < lam < 1.0
+    np.testing.assert_allclose(aux["loss_state"]["auto_num"], num1, rtol=1e-4)
+    np.testing.assert_allclose(aux["loss_state"]["auto_den"], den1, rtol=1e-4)
+    np.testing.assert_allclose(aux["jvp_cond_weight"], lam, rtol=1e-4)
+    np.testing.assert_allclose(aux["lam_hat"], np.clip(num / den, 0, 1), rtol=1e-4)
+    np.testing.assert_allclose(loss, np.mean(d / (d + c) ** p), rtol=1e-4)
+    rr = np.sum((eps - lam * a) ** 2, -1)
+    np.testing.assert_allclose(aux["target_var"], np.sum(w * rr) / np.sum(w), rtol=1e-4)
+    # The pooled statistics on their own.
+    n_, d_ = control_variate_statistics(jnp.asarray(eps, jnp.float32), jnp.asarray(a, jnp.float32),
+                                        jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose([n_, d_], [num, den], rtol=1e-4)
+
+
+def test_adaptive_weighting_and_metrics():
+    rng = np.random.default_rng(0)
+    u, T = (rng.normal(size=(6, 3, 2)).astype(np.float32) for _ in range(2))
+    sq = ((u - T) ** 2).reshape(6, -1)
+    np.testing.assert_allclose(per_row_error(u, T), sq.sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(per_row_error(u, T, "mean"), sq.mean(-1), rtol=1e-6)
+    d = jnp.asarray(sq.sum(-1))
+    p, c = 0.75, 1e-2
+    np.testing.assert_allclose(adaptive_weights(d, p, c), 1 / (sq.sum(-1) + c) ** p, rtol=1e-6)
+    np.testing.assert_allclose(adaptive_loss(d, p, c), np.mean(sq.sum(-1) / (sq.sum(-1) + c) ** p), rtol=1e-6)
+    np.testing.assert_allclose(adaptive_loss(d, 0.0, c), np.mean(sq.sum(-1)), rtol=1e-6)  # p = 0: plain
+    # The gradient is the stop-gradient weight times that of the plain mean.
+    np.testing.assert_allclose(jax.grad(adaptive_loss)(d, p, c), adaptive_weights(d, p, c) / 6, rtol=1e-6)
+    # Metrics split by r = t rows.
+    t = jnp.asarray([0.5, 0.5, 0.9, 0.9, 0.2, 0.7])
+    r = jnp.asarray([0.5, 0.1, 0.9, 0.3, 0.2, 0.0])
+    eq = np.asarray(r == t)
+    met = meanflow_metrics(u, T, r, t, 0.25)
+    np.testing.assert_allclose(met["mse"], sq.mean(), rtol=1e-6)
+    np.testing.assert_allclose(met["mse_fm"], sq[eq].mean(), rtol=1e-6)
+    np.testing.assert_allclose(met["mse_mf"], sq[~eq].mean(), rtol=1e-6)
+    assert met["jvp_cond_weight"].dtype == jnp.float32 and float(met["jvp_cond_weight"]) == 0.25
+    none_eq = meanflow_metrics(u, T, t - 0.05, t, 1.0)
+    assert float(none_eq["mse_fm"]) == 0.0
+    # Target-variance proxy: weighted mean of ||epshat - lam a||^2.
+    eps, a, w = rng.normal(size=(6, 2)), rng.normal(size=(6, 2)), rng.uniform(size=6)
+    tv = target_variance(jnp.asarray(eps), jnp.asarray(a), 0.4, jnp.asarray(w))
+    np.testing.assert_allclose(tv, np.sum(w * np.sum((eps - 0.4 * a) ** 2, -1)) / np.sum(w), rtol=1e-5)
+    # EMA of the vhat params.
+    ema = update_vhat_ema({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.9)
+    np.testing.assert_allclose(ema["w"], 0.1, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- oracle
 
 
 @pytest.fixture(scope="module")
 def oracle():
-    return gmm_oracle(jaxlab.eight_gaussians(radius=1.5, std=0.3))
+    return gmm_oracle(jaxlab.data.eight_gaussians(radius=1.5, std=0.3))
 
 
 def _log_marginal(mix, z, t):
@@ -287,7 +495,7 @@ def _log_marginal(mix, z, t):
 
 def test_oracle_matches_score_identities(oracle):
     """Tweedie: E[e|z] = -t grad log p_t; Cov(v_c|z) = (I + t^2 Hess log p_t) / (1 - t)^2."""
-    mix = jaxlab.eight_gaussians(radius=1.5, std=0.3)
+    mix = jaxlab.data.eight_gaussians(radius=1.5, std=0.3)
     z = jax.random.normal(jax.random.PRNGKey(0), (16, 2)) * 1.5
     t = jnp.linspace(0.05, 0.95, 16)
     score = jax.vmap(jax.grad(lambda zi, ti: _log_marginal(mix, zi, ti)))(z, t)
@@ -345,7 +553,7 @@ def _run_auto(m, params, oracle, cfg, vhat, steps=200, n=1024):
 
 def test_auto_converges_to_oracle_optimum():
     """Fixed network, exact vhat (delta = 0): the pooled EMA estimate reaches the exact lam*."""
-    oracle = gmm_oracle(jaxlab.eight_gaussians())
+    oracle = gmm_oracle(jaxlab.data.eight_gaussians())
     m = VelocityMLP(hidden=64, depth=3, time_dim=16, time_scale=1.0)
     params = m.init(jax.random.PRNGKey(1), jnp.zeros((2, 2)), jnp.zeros(2), jnp.zeros(2))
     cfg = MeanFlowConfig(jvp_cond_weight="auto", vhat=oracle.marginal_velocity, adaptive_p=0.0,

@@ -19,7 +19,7 @@ def setup():
     m = VelocityMLP(hidden=32, depth=2, time_dim=16, time_scale=1.0)
     params = m.init(jax.random.PRNGKey(1), jnp.zeros((2, 2)), jnp.zeros(2), jnp.zeros(2))
     k = jax.random.split(jax.random.PRNGKey(2), 4)
-    x = jaxlab.eight_gaussians().sample(k[0], N)
+    x = jaxlab.data.eight_gaussians().sample(k[0], N)
     e = jax.random.normal(k[1], (N, 2))
     a, b = jax.random.uniform(k[2], (N,)), jax.random.uniform(k[3], (N,))
     t, r = jnp.maximum(a, b), jnp.minimum(a, b)
@@ -73,7 +73,7 @@ def test_train_step_carries_auto_state():
     tx = optax.adam(1e-3)
     step = jaxlab.make_train_step(make_meanflow_loss_fn(m.apply, cfg), tx, has_loss_state=True)
     state = jaxlab.TrainState.create(params=params, tx=tx, rng=0, loss_state=meanflow_init_state(cfg))
-    x = jaxlab.eight_gaussians().sample(jax.random.PRNGKey(3), 64)
+    x = jaxlab.data.eight_gaussians().sample(jax.random.PRNGKey(3), 64)
     lams = []
     for _ in range(3):
         state, metrics = step(state, x)

@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +42,33 @@ __all__ = [
     "meanflow_init_state",
     "make_meanflow_loss_fn",
     "meanflow_sample",
+    # the pieces meanflow_loss is composed of
+    "drop_labels",
+    "guided_velocity",
+    "vhat_estimate",
+    "two_tangent_jvp",
+    "two_tangent_target",
+    "jvp_cond_weight_at",
+    "auto_jvp_cond_weight",
+    "control_variate_statistics",
+    "update_auto_state",
+    "per_row_error",
+    "adaptive_weights",
+    "adaptive_loss",
+    "target_variance",
+    "meanflow_metrics",
+    "update_vhat_ema",
 ]
 
 _sg = jax.lax.stop_gradient
+
+# Old field names (``cfg`` means "config" everywhere else in jaxlab) -> their current names.
+_RENAMED_FIELDS = {
+    "cfg_omega": "guidance_scale",
+    "cfg_kappa": "guidance_kappa",
+    "cfg_interval": "guidance_interval",
+}
+_RENAMED_ATTRS = {**_RENAMED_FIELDS, "cfg_on": "guidance_on"}
 
 
 def _is_concrete_number(v) -> bool:
@@ -52,6 +77,15 @@ def _is_concrete_number(v) -> bool:
     if isinstance(v, int | float):
         return True
     return isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer) and v.ndim == 0
+
+
+def _is_one(lam) -> bool:
+    """Whether ``lam`` is known at trace time to be exactly 1 (original MeanFlow: no ``vhat`` needed)."""
+    return _is_concrete_number(lam) and float(lam) == 1.0
+
+
+def _is_ema(vhat) -> bool:
+    return isinstance(vhat, str) and vhat == "ema"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -77,14 +111,26 @@ class MeanFlowConfig:
       auto_ema_decay: decay of the pooled numerator/denominator EMA of the ``"auto"`` estimator.
       auto_init: coefficient used by ``"auto"`` before any statistics exist.
       diagnostics: compute the second tangent (and ``target_var``/``lam_hat``) for fixed coefficients too.
-      cfg_omega: classifier-free guidance scale ``omega``; ``None`` turns CFG off.
-      cfg_kappa: the ``kappa`` mixing weight of the conditional model velocity (MeanFlow eq. 19).
-      cfg_interval: guidance is applied only for ``t`` in this closed interval.
-      label_dropout: probability of replacing a label by the null class (CFG only).
-      num_classes: number of classes; the null class is index ``num_classes``. Required with CFG.
+      guidance_scale: classifier-free guidance scale ``omega``; ``None`` turns guidance off
+        (formerly ``cfg_omega``).
+      guidance_kappa: the ``kappa`` mixing weight of the conditional model velocity (MeanFlow eq. 19)
+        (formerly ``cfg_kappa``).
+      guidance_interval: guidance is applied only for ``t`` in this closed interval (formerly
+        ``cfg_interval``).
+      label_dropout: probability of replacing a label by the null class (guidance only).
+      num_classes: number of classes; the null class is index ``num_classes``. Required with guidance.
+
+    The old names ``cfg_omega``, ``cfg_kappa``, ``cfg_interval`` raise a ``TypeError`` naming the new field.
 
     Example:
+      >>> from jaxlab.losses import MeanFlowConfig
       >>> cfg = MeanFlowConfig(jvp_cond_weight=0.9, flow_matching_fraction=0.5, adaptive_p=1.0)
+      >>> MeanFlowConfig(guidance_scale=2.0, num_classes=10).guidance_on
+      True
+      >>> MeanFlowConfig(cfg_omega=2.0, num_classes=10)
+      Traceback (most recent call last):
+        ...
+      TypeError: MeanFlowConfig: 'cfg_omega' was renamed to 'guidance_scale'
     """
 
     jvp_cond_weight: Any = 1.0
@@ -99,9 +145,9 @@ class MeanFlowConfig:
     auto_ema_decay: float = 0.99
     auto_init: float = 1.0
     diagnostics: bool = False
-    cfg_omega: float | None = None
-    cfg_kappa: float = 0.0
-    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_scale: float | None = None
+    guidance_kappa: float = 0.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     label_dropout: float = 0.1
     num_classes: int | None = None
 
@@ -142,24 +188,30 @@ class MeanFlowConfig:
             bad("auto_init", self.auto_init, "a number in [0, 1]")
         if not 0.0 <= self.label_dropout <= 1.0:
             bad("label_dropout", self.label_dropout, "a probability in [0, 1]")
-        lo, hi = self.cfg_interval
+        lo, hi = self.guidance_interval
         if not 0.0 <= lo <= hi <= 1.0:
-            bad("cfg_interval", self.cfg_interval, "(lo, hi) with 0 <= lo <= hi <= 1")
+            bad("guidance_interval", self.guidance_interval, "(lo, hi) with 0 <= lo <= hi <= 1")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             bad("num_classes", self.num_classes, "a positive int (the null class is index num_classes)")
-        if self.cfg_omega is not None:
+        if self.guidance_scale is not None:
             if self.num_classes is None:
                 raise ValueError(
-                    "MeanFlowConfig.num_classes: classifier-free guidance is on (cfg_omega="
-                    f"{self.cfg_omega!r}) so labels are required: set num_classes (null class = num_classes) "
+                    "MeanFlowConfig.num_classes: classifier-free guidance is on (guidance_scale="
+                    f"{self.guidance_scale!r}) so labels are required: set num_classes (null class = num_classes) "
                     "and pass y to meanflow_loss"
                 )
-            if self.cfg_omega < 0:
-                bad("cfg_omega", self.cfg_omega, ">= 0")
+            if self.guidance_scale < 0:
+                bad("guidance_scale", self.guidance_scale, ">= 0")
+
+    def __getattr__(self, name):  # only reached when normal lookup fails
+        if name in _RENAMED_ATTRS:
+            raise AttributeError(f"MeanFlowConfig: {name!r} was renamed to {_RENAMED_ATTRS[name]!r}")
+        raise AttributeError(f"'MeanFlowConfig' object has no attribute {name!r}")
 
     @property
-    def cfg_on(self) -> bool:
-        return self.cfg_omega is not None
+    def guidance_on(self) -> bool:
+        """Whether classifier-free guidance is on (``guidance_scale`` is set)."""
+        return self.guidance_scale is not None
 
     @property
     def auto(self) -> bool:
@@ -169,6 +221,19 @@ class MeanFlowConfig:
     def two_tangents(self) -> bool:
         """Whether the loss pushes the extra tangent ``(v_c - vhat, 0, 0)`` (``"auto"`` or diagnostics)."""
         return self.auto or self.diagnostics
+
+
+def _reject_renamed_fields(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for old in sorted(kwargs.keys() & _RENAMED_FIELDS.keys()):
+            raise TypeError(f"MeanFlowConfig: {old!r} was renamed to {_RENAMED_FIELDS[old]!r}")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+MeanFlowConfig.__init__ = _reject_renamed_fields(MeanFlowConfig.__init__)
 
 
 def meanflow_init_state(config: MeanFlowConfig, params=None) -> dict:
@@ -183,13 +248,18 @@ def meanflow_init_state(config: MeanFlowConfig, params=None) -> dict:
       params: model params; required with ``vhat="ema"`` (the EMA starts as a copy).
     Returns:
       a dict pytree of arrays.
+
+    Example:
+      >>> from jaxlab.losses import MeanFlowConfig, meanflow_init_state
+      >>> sorted(meanflow_init_state(MeanFlowConfig(jvp_cond_weight="auto")))
+      ['auto_den', 'auto_num', 'step']
     """
     state = {
         "step": jnp.zeros((), jnp.int32),
         "auto_num": jnp.zeros((), jnp.float32),
         "auto_den": jnp.zeros((), jnp.float32),
     }
-    if isinstance(config.vhat, str) and config.vhat == "ema":
+    if _is_ema(config.vhat):
         if params is None:
             raise ValueError('meanflow_init_state: MeanFlowConfig.vhat="ema" needs params to start the EMA from')
         state["vhat_params"] = jax.tree.map(lambda p: jnp.asarray(p).copy(), params)
@@ -202,6 +272,153 @@ def _call(apply_fn, params, z, r, t, y):
 
 def _bcast(v, ndim):
     return jnp.reshape(v, v.shape + (1,) * (ndim - 1))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Classifier-free guidance: the regression velocity.
+
+
+def drop_labels(key: jax.Array, y: jax.Array, rate: float, num_classes: int):
+    """Label dropout for classifier-free guidance: ``y_in_i = null`` with probability ``rate``, else ``y_i``.
+
+    ``drop_i ~ Bernoulli(rate)`` i.i.d.; the null class is index ``num_classes``.
+
+    Args:
+      key: PRNG key (``meanflow_loss`` passes the third of its ``split(key, 3)``).
+      y: integer labels ``(B,)`` in ``[0, num_classes)``.
+      rate: dropout probability in ``[0, 1]``.
+      num_classes: number of real classes.
+    Returns:
+      ``(y_in, drop)``: the ``int32`` labels the model is trained on and the boolean ``(B,)`` drop mask.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.losses import drop_labels
+      >>> y_in, drop = drop_labels(jax.random.PRNGKey(0), jnp.array([0, 1, 2]), 1.0, num_classes=3)
+      >>> y_in.tolist(), drop.tolist()
+      ([3, 3, 3], [True, True, True])
+    """
+    null = jnp.full(y.shape, num_classes, jnp.int32)
+    drop = jax.random.bernoulli(key, rate, y.shape)
+    return jnp.where(drop, null, y.astype(jnp.int32)), drop
+
+
+def guided_velocity(
+    apply_fn: Callable,
+    params,
+    z: jax.Array,
+    t: jax.Array,
+    v_c: jax.Array,
+    y: jax.Array,
+    *,
+    scale: float,
+    kappa: float = 0.0,
+    null_class: int,
+    interval: tuple[float, float] = (0.0, 1.0),
+    drop: jax.Array | None = None,
+):
+    """The classifier-free-guidance regression velocity (MeanFlow eq. 19) and the boundary velocity.
+
+        v_g = omega v_c + kappa sg(u(z, t, t | y)) + (1 - omega - kappa) sg(u(z, t, t | null))
+        v_i = v_g,i   if lo <= t_i <= hi and row i's label was not dropped,   else v_c,i
+
+    with ``omega = scale``, ``(lo, hi) = interval``. ``omega = 1, kappa = 0`` gives ``v = v_c``. ``v``
+    replaces ``v_c`` both as regression target and inside the JVP tangent.
+
+    Args:
+      apply_fn: ``apply_fn(params, z, r, t, y) -> u``.
+      params: model params (the model terms are under stop-gradient).
+      z: ``(B, ...)`` points on the path; t: ``(B,)`` times.
+      v_c: conditional velocity ``e - x``, shape of ``z``.
+      y: the original integer labels ``(B,)``.
+      scale: ``omega``; kappa: the weight of the conditional model velocity.
+      null_class: the null label (``num_classes``).
+      interval: guidance only for ``t`` in this closed interval.
+      drop: optional boolean ``(B,)`` label-dropout mask (:func:`drop_labels`); dropped rows are unguided.
+    Returns:
+      ``(v, u_boundary)``: the regression velocity and ``sg(u(z, t, t | y_in))`` with ``y_in`` the label
+      the row trains on (null where dropped), reusable as the boundary ``vhat``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import guided_velocity
+      >>> apply = lambda p, z, r, t, y: z * p + y[:, None]       # toy label-conditional model
+      >>> z, t, v_c, y = jnp.ones((2, 2)), jnp.array([0.2, 0.9]), jnp.zeros((2, 2)), jnp.array([1, 2])
+      >>> v, ub = guided_velocity(apply, 1.0, z, t, v_c, y, scale=2.0, kappa=0.5, null_class=3,
+      ...                         interval=(0.0, 0.5))
+      >>> v.tolist()        # row 0: 0.5 * (1 + 1) - 1.5 * (1 + 3) = -5; row 1 is outside the interval
+      [[-5.0, -5.0], [0.0, 0.0]]
+    """
+    nd = z.ndim
+    null = jnp.full(t.shape, null_class, jnp.int32)
+    u_cond = _sg(apply_fn(params, z, t, t, y.astype(jnp.int32)))
+    u_unc = _sg(apply_fn(params, z, t, t, null))
+    v_g = scale * v_c + kappa * u_cond + (1 - scale - kappa) * u_unc
+    lo, hi = interval
+    guide = (t >= lo) & (t <= hi)
+    if drop is None:
+        return jnp.where(_bcast(guide, nd), v_g, v_c), u_cond
+    v = jnp.where(_bcast(guide & ~drop, nd), v_g, v_c)
+    return v, jnp.where(_bcast(drop, nd), u_unc, u_cond)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The marginal-velocity estimate vhat and the JVP targets.
+
+
+def vhat_estimate(
+    apply_fn: Callable,
+    params,
+    z: jax.Array,
+    t: jax.Array,
+    y: jax.Array | None = None,
+    *,
+    source: str | Callable = "boundary",
+    ema_params=None,
+    boundary: jax.Array | None = None,
+) -> jax.Array:
+    """Stop-gradient estimate ``vhat(z, t)`` of the marginal velocity ``v(z, t) = E[v_c | z_t = z]``.
+
+        "boundary":  vhat = sg(u_theta(z, t, t))       (iMF; reuses ``boundary`` when given)
+        "ema":       vhat = sg(u_theta_ema(z, t, t))   (EMA params kept in the loss state)
+        callable:    vhat = sg(source(z, t))          (e.g. the exact GMMOracle.marginal_velocity)
+
+    Its error ``delta = vhat - v`` enters the target as ``-(1 - lam) A delta`` (specs/meanflow.md sec. 3).
+
+    Args:
+      apply_fn: ``apply_fn(params, z, r, t[, y]) -> u``.
+      params: model params.
+      z: ``(B, ...)``; t: ``(B,)``; y: optional labels passed to ``apply_fn``.
+      source: ``"boundary"``, ``"ema"`` or a callable ``(z, t) -> v``.
+      ema_params: the EMA params (``source="ema"``).
+      boundary: an already computed ``sg(u_theta(z, t, t | y))`` (e.g. from :func:`guided_velocity`),
+        used by ``"boundary"`` instead of a new forward pass.
+    Returns:
+      ``vhat``, shape and dtype of ``z``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import vhat_estimate
+      >>> apply = lambda p, z, r, t: p * z * t[:, None]
+      >>> z, t = jnp.ones((2, 2)), jnp.array([0.5, 1.0])
+      >>> vhat_estimate(apply, 2.0, z, t).tolist()
+      [[1.0, 1.0], [2.0, 2.0]]
+      >>> vhat_estimate(apply, 2.0, z, t, source="ema", ema_params=4.0).tolist()
+      [[2.0, 2.0], [4.0, 4.0]]
+      >>> vhat_estimate(apply, 2.0, z, t, source=lambda z, t: -z).tolist()
+      [[-1.0, -1.0], [-1.0, -1.0]]
+    """
+    if callable(source):
+        return _sg(jnp.asarray(source(z, t), z.dtype))
+    if _is_ema(source):
+        if ema_params is None:
+            raise ValueError('vhat_estimate: source="ema" needs ema_params (loss_state["vhat_params"])')
+        return _sg(_call(apply_fn, ema_params, z, t, t, y))
+    if source != "boundary":
+        raise ValueError(f'vhat_estimate: source must be "boundary", "ema" or a callable (z, t) -> v, got {source!r}')
+    if boundary is not None:
+        return boundary
+    return _sg(_call(apply_fn, params, z, t, t, y))
 
 
 def meanflow_target(
@@ -217,14 +434,16 @@ def meanflow_target(
 ):
     """The (variance-reduced) MeanFlow target with one ``jax.jvp``.
 
-    ``u, du/dt = jvp(u_theta, (z, r, t), (w, 0, 1))`` with ``w = lam v + (1 - lam) vhat`` and
-    ``T = sg(v - (t - r) du/dt)``. The tangent order matches the inputs ``(z, r, t)``.
+        u, du/dt = jvp(u_theta, (z, r, t), (w, 0, 1)),    w = lam v + (1 - lam) vhat
+        T = sg(v - (t - r) du/dt)
+
+    The tangent order matches the inputs ``(z, r, t)``.
 
     Args:
       apply_fn: ``apply_fn(params, z, r, t[, y]) -> u``.
       params: model params.
       z: ``(B, ...)`` points on the path; r, t: ``(B,)`` times with ``r <= t``.
-      v: regression velocity (``v_c``, or ``v_g`` with CFG), shape of ``z``.
+      v: regression velocity (``v_c``, or ``v_g`` with guidance), shape of ``z``.
       vhat: stop-gradient marginal-velocity estimate (ignored, may be ``None``, when ``lam == 1``).
       jvp_cond_weight: ``lam`` (scalar).
       y: optional labels passed to ``apply_fn``.
@@ -232,10 +451,17 @@ def meanflow_target(
       ``(u, target, dudt)``: the model output (carries gradients), the stop-gradient target and ``du/dt``.
 
     Example:
-      >>> u, T, dudt = meanflow_target(apply, params, z, r, t, e - x, None, 1.0)   # original MeanFlow
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.losses import meanflow_target
+      >>> apply = lambda p, z, r, t: p * z * (t - r)[:, None] + t[:, None]    # du/dt = p (t - r) w + p z + 1
+      >>> z, v = jnp.ones((1, 2)), jnp.full((1, 2), 2.0)
+      >>> r, t = jnp.array([0.25]), jnp.array([0.75])
+      >>> u, T, dudt = meanflow_target(apply, 1.0, z, r, t, v, None, 1.0)   # original MeanFlow: w = v
+      >>> dudt.tolist(), T.tolist()
+      ([[3.0, 3.0]], [[0.5, 0.5]])
     """
     lam = jvp_cond_weight
-    if vhat is None or (_is_concrete_number(lam) and float(lam) == 1.0):
+    if vhat is None or _is_one(lam):
         w = v
     else:
         w = lam * v + (1.0 - lam) * vhat
@@ -244,6 +470,270 @@ def meanflow_target(
     h = _bcast(t - r, z.ndim)
     target = _sg(v - h * dudt)
     return u, target, _sg(dudt)
+
+
+def two_tangent_jvp(
+    apply_fn: Callable,
+    params,
+    z: jax.Array,
+    r: jax.Array,
+    t: jax.Array,
+    vhat: jax.Array,
+    epshat: jax.Array,
+    y: jax.Array | None = None,
+):
+    """Two tangents on one linearisation: ``J vhat + d_t u`` and ``J epshat`` (``J = d_z u_theta``).
+
+        u, base  = jvp(u_theta, (z, r, t), (vhat,   0, 1))     base  = J vhat + d_t u
+        u, j_eps = jvp(u_theta, (z, r, t), (epshat, 0, 0))     j_eps = J epshat
+
+    (one ``vmap`` over the two tangents, the primal ``u`` shared). With ``epshat = v - vhat`` the
+    tangent of any coefficient follows by linearity, ``J w + d_t u = base + lam j_eps`` for
+    ``w = lam v + (1 - lam) vhat``, which is what :func:`two_tangent_target` uses.
+
+    Args:
+      apply_fn: ``apply_fn(params, z, r, t[, y]) -> u``.
+      params: model params.
+      z: ``(B, ...)``; r, t: ``(B,)``.
+      vhat: the stop-gradient marginal-velocity estimate; epshat: ``v - vhat``; both shape of ``z``.
+      y: optional labels passed to ``apply_fn``.
+    Returns:
+      ``(u, base, j_eps)``: the model output (carries gradients) and the two stop-gradient JVPs.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import two_tangent_jvp
+      >>> apply = lambda p, z, r, t: p * z + t[:, None]          # J = p I, d_t u = 1
+      >>> z, r, t = jnp.ones((1, 2)), jnp.array([0.0]), jnp.array([0.5])
+      >>> u, base, j_eps = two_tangent_jvp(apply, 3.0, z, r, t, jnp.ones((1, 2)), jnp.full((1, 2), 2.0))
+      >>> base.tolist(), j_eps.tolist()
+      ([[4.0, 4.0]], [[6.0, 6.0]])
+    """
+    f = lambda z_, r_, t_: _call(apply_fn, params, z_, r_, t_, y)
+    zeros_r = jnp.zeros_like(r)
+
+    def push(tz, tt):
+        return jax.jvp(f, (z, r, t), (tz, zeros_r, tt))
+
+    tz = jnp.stack([vhat, epshat])
+    tt = jnp.stack([jnp.ones_like(t), jnp.zeros_like(t)])
+    u, d = jax.vmap(push, out_axes=(None, 0))(tz, tt)
+    return u, _sg(d[0]), _sg(d[1])
+
+
+def two_tangent_target(v: jax.Array, h: jax.Array, base: jax.Array, j_eps: jax.Array, lam) -> jax.Array:
+    """The target at coefficient ``lam`` from :func:`two_tangent_jvp`: ``T_lam = sg(v - h (base + lam j_eps))``.
+
+    Equal to :func:`meanflow_target`'s ``sg(v - h (J w + d_t u))``, ``w = lam v + (1 - lam) vhat``.
+
+    Args:
+      v: regression velocity ``(B, ...)``; h: ``t - r``, ``(B,)``.
+      base, j_eps: ``J vhat + d_t u`` and ``J epshat`` from :func:`two_tangent_jvp`.
+      lam: the coefficient (scalar, may be traced).
+    Returns:
+      the stop-gradient target, shape of ``v``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import two_tangent_target
+      >>> two_tangent_target(jnp.ones((1, 2)), jnp.array([0.5]), jnp.ones((1, 2)), jnp.ones((1, 2)), 0.5).tolist()
+      [[0.25, 0.25]]
+    """
+    return _sg(v - _bcast(h, v.ndim) * (base + lam * j_eps))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The coefficient lam = jvp_cond_weight: fixed, scheduled or "auto" (pooled control-variate estimate).
+
+
+def auto_jvp_cond_weight(num: jax.Array, den: jax.Array, init: float) -> jax.Array:
+    """The ``"auto"`` coefficient from the pooled statistics: ``clip(num / den, 0, 1)``, ``init`` while ``den = 0``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import auto_jvp_cond_weight
+      >>> float(auto_jvp_cond_weight(jnp.float32(1.5), jnp.float32(2.0), 1.0))
+      0.75
+      >>> float(auto_jvp_cond_weight(jnp.float32(0.0), jnp.float32(0.0), 0.25))
+      0.25
+    """
+    ratio = num / jnp.maximum(den, 1e-30)
+    return jnp.clip(jnp.where(den > 0, ratio, init), 0.0, 1.0)
+
+
+def jvp_cond_weight_at(config: MeanFlowConfig, state: dict):
+    """The coefficient ``lam`` in force at the start of this step.
+
+        fixed:       lam = config.jvp_cond_weight                 (float or 0-d array, as given)
+        scheduled:   lam = schedule(state["step"])                (float32)
+        "auto":      lam = clip(auto_num / auto_den, 0, 1)         (``auto_init`` before any statistics)
+
+    With ``"auto"`` the loss then updates the pooled EMA with this batch and uses the updated estimate
+    for the target (:func:`update_auto_state`); this value weights the rows for the statistics.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import MeanFlowConfig, jvp_cond_weight_at, meanflow_init_state
+      >>> cfg = MeanFlowConfig(jvp_cond_weight=lambda step: jnp.where(step < 10, 1.0, 0.5))
+      >>> float(jvp_cond_weight_at(cfg, meanflow_init_state(cfg)))
+      1.0
+    """
+    lam = config.jvp_cond_weight
+    if config.auto:
+        return auto_jvp_cond_weight(state["auto_num"], state["auto_den"], config.auto_init)
+    if callable(lam):
+        return jnp.asarray(lam(state["step"]), jnp.float32)
+    return lam
+
+
+def control_variate_statistics(epshat: jax.Array, a: jax.Array, weights: jax.Array, axis_name: str | None = None):
+    """Pooled batch statistics of the ``"auto"`` estimator, over the ``r != t`` rows.
+
+        num = mean_i w_i <epshat_i, a_i>,    den = mean_i w_i ||a_i||^2,    a_i = (t_i - r_i) J_i epshat_i
+
+    summed (``psum``) over ``axis_name`` before the mean when given. ``num / den`` minimises
+    ``sum_i w_i ||epshat_i - lam a_i||^2`` (the weighted spread of the target around its deterministic part).
+
+    Args:
+      epshat: ``v - vhat``, ``(n, ...)``; a: ``h J epshat``, ``(n, ...)``.
+      weights: stop-gradient adaptive weights ``(n,)``.
+      axis_name: optional ``pmap``/``shard_map`` axis.
+    Returns:
+      ``(num, den)`` scalars.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import control_variate_statistics
+      >>> num, den = control_variate_statistics(jnp.ones((2, 2)), jnp.full((2, 2), 2.0), jnp.ones(2))
+      >>> float(num), float(den)
+      (4.0, 8.0)
+    """
+    n = epshat.shape[0]
+    dot = jnp.sum(jnp.reshape(epshat * a, (n, -1)), -1)
+    aa = jnp.sum(jnp.reshape(a * a, (n, -1)), -1)
+    num, den, cnt = jnp.sum(weights * dot), jnp.sum(weights * aa), jnp.asarray(n, jnp.float32)
+    if axis_name is not None:
+        num, den, cnt = jax.lax.psum((num, den, cnt), axis_name)
+    return num / cnt, den / cnt
+
+
+def update_auto_state(state: dict, num: jax.Array, den: jax.Array, decay: float) -> dict:
+    """EMA of the pooled statistics: ``auto_num <- decay auto_num + (1 - decay) num`` (same for ``den``).
+
+    Returns a new state dict (other entries unchanged).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import MeanFlowConfig, meanflow_init_state, update_auto_state
+      >>> st = update_auto_state(meanflow_init_state(MeanFlowConfig()), jnp.float32(1.0), jnp.float32(2.0), 0.5)
+      >>> float(st["auto_num"]), float(st["auto_den"])
+      (0.5, 1.0)
+    """
+    new = dict(state)
+    new["auto_num"] = decay * state["auto_num"] + (1 - decay) * num
+    new["auto_den"] = decay * state["auto_den"] + (1 - decay) * den
+    return new
+
+
+# ------------------------------------------------------------------------------------------------------
+# Adaptive weighting and metrics.
+
+
+def per_row_error(u: jax.Array, target: jax.Array, reduction: str = "sum") -> jax.Array:
+    """``d_i = sum_dims (u_i - T_i)^2`` (``"sum"``, MeanFlow) or the mean over dims (``"mean"``), ``(B,)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import per_row_error
+      >>> per_row_error(jnp.ones((2, 2)), jnp.array([[0.0, 0.0], [1.0, 3.0]])).tolist()
+      [2.0, 4.0]
+    """
+    red = jnp.sum if reduction == "sum" else jnp.mean
+    return red(jnp.reshape((u - target) ** 2, (u.shape[0], -1)), -1)
+
+
+def adaptive_weights(d: jax.Array, p: float, c: float) -> jax.Array:
+    """Stop-gradient adaptive weights ``w_i = sg(1 / (d_i + c)^p)`` (``p = 0``: all ones).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import adaptive_weights
+      >>> adaptive_weights(jnp.array([1.0, 3.0]), 1.0, 1.0).tolist()
+      [0.5, 0.25]
+    """
+    return _sg(1.0 / (d + c) ** p)
+
+
+def adaptive_loss(d: jax.Array, p: float, c: float) -> jax.Array:
+    """The MeanFlow adaptive loss ``mean_i d_i / sg((d_i + c)^p)``; its gradient is ``w_i`` times that of ``d_i``.
+
+    With ``p = 1`` the value sits near 1 and says little: log the unweighted MSE as well.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import adaptive_loss
+      >>> float(adaptive_loss(jnp.array([1.0, 3.0]), 1.0, 1.0))
+      0.625
+    """
+    return jnp.mean(d / _sg((d + c) ** p))
+
+
+def target_variance(epshat: jax.Array, a: jax.Array, lam, weights: jax.Array) -> jax.Array:
+    """Weighted proxy of the target's spread around its deterministic part at coefficient ``lam``.
+
+        target_var = sum_i w_i ||(I - lam A_i) epshat_i||^2 / sum_i w_i,     A_i epshat_i = a_i
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import target_variance
+      >>> float(target_variance(jnp.ones((2, 2)), jnp.ones((2, 2)), 0.5, jnp.ones(2)))
+      0.5
+    """
+    n = epshat.shape[0]
+    resid = epshat - lam * a
+    rr = jnp.sum(jnp.reshape(resid * resid, (n, -1)), -1)
+    return jnp.sum(weights * rr) / jnp.maximum(jnp.sum(weights), 1e-30)
+
+
+def meanflow_metrics(u: jax.Array, target: jax.Array, r: jax.Array, t: jax.Array, jvp_cond_weight) -> dict:
+    """Unweighted per-dim MSE over all rows, the ``r = t`` rows and the ``r != t`` rows; the coefficient used.
+
+        mse_i = mean_dims (u_i - T_i)^2;   mse = mean_i mse_i;   mse_fm / mse_mf = mean over r = t / r != t
+        rows (0 when there are none);      jvp_cond_weight = lam as float32
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import meanflow_metrics
+      >>> m = meanflow_metrics(jnp.array([[1.0], [3.0]]), jnp.zeros((2, 1)), jnp.array([0.5, 0.1]),
+      ...                      jnp.array([0.5, 0.5]), 1.0)
+      >>> {k: float(v) for k, v in m.items()}
+      {'mse': 5.0, 'mse_fm': 1.0, 'mse_mf': 9.0, 'jvp_cond_weight': 1.0}
+    """
+    sq = jnp.mean(jnp.reshape((u - target) ** 2, (u.shape[0], -1)), -1)
+    eq = (t == r).astype(sq.dtype)
+    n_e, n_m = jnp.sum(eq), jnp.sum(1 - eq)
+    return {
+        "mse": jnp.mean(sq),
+        "mse_fm": jnp.sum(sq * eq) / jnp.maximum(n_e, 1.0),
+        "mse_mf": jnp.sum(sq * (1 - eq)) / jnp.maximum(n_m, 1.0),
+        "jvp_cond_weight": jnp.asarray(jvp_cond_weight, jnp.float32),
+    }
+
+
+def update_vhat_ema(ema_params, params, decay: float):
+    """The ``vhat="ema"`` params: ``ema <- decay ema + (1 - decay) sg(params)`` leaf by leaf.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import update_vhat_ema
+      >>> update_vhat_ema({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.75)["w"].tolist()
+      [0.25, 0.25]
+    """
+    return jax.tree.map(lambda ev, pv: decay * ev + (1 - decay) * _sg(pv), ema_params, params)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The loss.
 
 
 def _check_inputs(x, t, r, noise, y, config):
@@ -261,28 +751,37 @@ def _check_inputs(x, t, r, noise, y, config):
         raise ValueError(f"meanflow_loss: noise must have the shape of x {x.shape}, got {jnp.shape(noise)}")
     if y is not None and tuple(jnp.shape(y)) != (B,):
         raise ValueError(f"meanflow_loss: y must be integer labels of shape ({B},), got {jnp.shape(y)}")
-    if config.cfg_on and y is None:
+    if config.guidance_on and y is None:
         raise ValueError(
-            f"meanflow_loss: MeanFlowConfig.cfg_omega={config.cfg_omega!r} turns classifier-free guidance on, "
-            "which needs labels: pass y (shape (B,), values in [0, num_classes))"
+            f"meanflow_loss: MeanFlowConfig.guidance_scale={config.guidance_scale!r} turns classifier-free "
+            "guidance on, which needs labels: pass y (shape (B,), values in [0, num_classes))"
         )
 
 
-def _auto_estimate(config, state):
-    """``clip(auto_num / auto_den, 0, 1)``, or ``auto_init`` before any statistics exist."""
-    ratio = state["auto_num"] / jnp.maximum(state["auto_den"], 1e-30)
-    return jnp.clip(jnp.where(state["auto_den"] > 0, ratio, config.auto_init), 0.0, 1.0)
+def _time_pairs(config, key, x, t, r, prefix):
+    """``(r, t, n_eq)``: sampled (static ``r = t`` prefix of ``round(fraction B)`` rows) or the given times."""
+    B, dtype = x.shape[0], x.dtype
+    if t is None:
+        r, t = logit_normal_time_pairs(
+            key, B, mu=config.time_mu, sigma=config.time_sigma,
+            flow_matching_fraction=config.flow_matching_fraction, dtype=dtype,
+        )
+        n_eq = num_flow_matching_rows(B, config.flow_matching_fraction) if prefix is None else prefix
+    else:
+        t, r = jnp.asarray(t, dtype), jnp.asarray(r, dtype)
+        n_eq = 0 if prefix is None else prefix
+    if not isinstance(n_eq, int) or not 0 <= n_eq <= B:
+        raise ValueError(f"meanflow_loss: prefix must be a static int in [0, {B}], got {n_eq!r}")
+    return r, t, n_eq
 
 
-def _coefficient(config, state):
-    lam = config.jvp_cond_weight
-    if config.auto:
-        return None  # resolved from the batch statistics
-    if isinstance(lam, str):  # pragma: no cover - rejected by validation
-        raise ValueError(lam)
-    if callable(lam):
-        return jnp.asarray(lam(state["step"]), jnp.float32)
-    return lam
+def _loss_state(config, params, loss_state):
+    if loss_state is None:
+        return meanflow_init_state(config, params if _is_ema(config.vhat) else None)
+    if _is_ema(config.vhat) and "vhat_params" not in loss_state:
+        raise ValueError('meanflow_loss: MeanFlowConfig.vhat="ema" but loss_state has no "vhat_params" '
+                         "(create it with meanflow_init_state(config, params))")
+    return loss_state
 
 
 def meanflow_loss(
@@ -309,20 +808,20 @@ def meanflow_loss(
                                                   T = sg(v_c - (t - r) du/dt)
         d_i = sum_dims (u_i - T_i)^2,   loss = mean_i d_i / sg((d_i + c)^p)
 
-    With CFG, ``v_c`` is replaced (as regression target and in ``w``) by
+    With guidance, ``v_c`` is replaced (as regression target and in ``w``) by
     ``v_g = omega v_c + kappa u(z, t, t | y) + (1 - omega - kappa) u(z, t, t | null)`` (stop-gradient) for
-    ``t`` in ``cfg_interval`` on rows whose label was not dropped.
+    ``t`` in ``guidance_interval`` on rows whose label was not dropped (:func:`guided_velocity`).
 
     ``"auto"`` coefficient: with ``epshat = v_c - vhat`` a second tangent ``(epshat, 0, 0)`` on the same
     linearisation gives ``a_i = (t_i - r_i) J_i epshat_i`` (so ``J w + d_t u`` for any ``lam`` is
-    ``(J vhat + d_t u) + lam J epshat``). The pooled estimate
+    ``(J vhat + d_t u) + lam J epshat``, :func:`two_tangent_jvp`). The pooled estimate
 
         lam = clip( EMA[mean_i w_i <epshat_i, a_i>] / EMA[mean_i w_i ||a_i||^2], 0, 1 )
 
     (``w_i`` the stop-gradient adaptive weights, r != t rows only, psum'ed over ``axis_name``) minimises
     ``sum_i w_i ||(I - lam A_i) epshat_i||^2``; with an exact ``vhat`` it converges to the control-variate
-    optimum ``E tr(A Sigma) / E tr(A Sigma A^T)`` (see :func:`jaxlab.gmm_oracle`). With an inexact ``vhat``
-    (``delta = vhat - v != 0``, e.g. the boundary default) it converges to
+    optimum ``E tr(A Sigma) / E tr(A Sigma A^T)`` (see :func:`jaxlab.losses.gmm_oracle`). With an inexact
+    ``vhat`` (``delta = vhat - v != 0``, e.g. the boundary default) it converges to
     ``(E tr(A Sigma) + E delta^T A delta) / (E tr(A Sigma A^T) + E ||A delta||^2)``, which is not the exact
     target-MSE minimiser (that has ``E ||A delta||^2`` in the numerator): the estimator cannot see ``delta``.
     :meth:`GMMOracle.estimator_limit_from_terms` computes this limit. The EMA lives in the loss
@@ -347,7 +846,7 @@ def meanflow_loss(
         inputs and every row goes through the JVP (``r = t`` rows give exactly ``T = v_c``) unless
         ``prefix`` says how many leading rows have ``r = t``.
       noise: explicit ``e`` (shape of ``x``).
-      y: integer labels ``(B,)`` (required with CFG).
+      y: integer labels ``(B,)`` (required with guidance).
       loss_state: the state from :func:`meanflow_init_state` / the previous ``aux["loss_state"]``;
         ``None`` starts fresh.
       prefix: static number of leading ``r = t`` rows (default: ``round(fraction * B)`` when sampling,
@@ -361,8 +860,16 @@ def meanflow_loss(
       (this batch's clipped estimate).
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.losses import MeanFlowConfig, meanflow_loss
+      >>> def apply(p, z, r, t):                        # a toy average-velocity model u(z, r, t)
+      ...     return jnp.tanh(z @ p["w"]) * (1 + t - r)[:, None] + p["b"] * t[:, None]
+      >>> params = {"w": jnp.eye(2), "b": jnp.ones(2)}
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (8, 2))
       >>> cfg = MeanFlowConfig(jvp_cond_weight=0.5, flow_matching_fraction=0.75)
-      >>> loss, aux = meanflow_loss(model.apply, params, x, key, config=cfg)
+      >>> loss, aux = meanflow_loss(apply, params, x, jax.random.PRNGKey(1), config=cfg)
+      >>> sorted(aux), int(aux["loss_state"]["step"])
+      (['jvp_cond_weight', 'loss_state', 'mse', 'mse_fm', 'mse_mf'], 1)
 
     References:
       Geng et al. 2025 (arXiv 2505.13447) eqs. 9-11 and 19, adaptive weight sec. 4.3; specs/meanflow.md.
@@ -371,137 +878,67 @@ def meanflow_loss(
     if not isinstance(config, MeanFlowConfig):
         raise TypeError(f"meanflow_loss: config must be a MeanFlowConfig, got {type(config).__name__}")
     _check_inputs(x, t, r, noise, y, config)
-    B, dtype, nd = x.shape[0], x.dtype, x.ndim
+    B, nd = x.shape[0], x.ndim
     k_time, k_noise, k_drop = jax.random.split(key, 3)
-    if t is None:
-        r, t = logit_normal_time_pairs(
-            k_time, B, mu=config.time_mu, sigma=config.time_sigma,
-            flow_matching_fraction=config.flow_matching_fraction, dtype=dtype,
-        )
-        n_eq = num_flow_matching_rows(B, config.flow_matching_fraction) if prefix is None else prefix
-    else:
-        t, r = jnp.asarray(t, dtype), jnp.asarray(r, dtype)
-        n_eq = 0 if prefix is None else prefix
-    if not isinstance(n_eq, int) or not 0 <= n_eq <= B:
-        raise ValueError(f"meanflow_loss: prefix must be a static int in [0, {B}], got {n_eq!r}")
-    e = jax.random.normal(k_noise, x.shape, dtype) if noise is None else jnp.asarray(noise, dtype)
-    state = meanflow_init_state(config, params if config.vhat == "ema" else None) if loss_state is None else loss_state
-    if config.vhat == "ema" and "vhat_params" not in state:
-        raise ValueError('meanflow_loss: MeanFlowConfig.vhat="ema" but loss_state has no "vhat_params" '
-                         "(create it with meanflow_init_state(config, params))")
+    r, t, n_eq = _time_pairs(config, k_time, x, t, r, prefix)
+    e = jax.random.normal(k_noise, x.shape, x.dtype) if noise is None else jnp.asarray(noise, x.dtype)
+    state = _loss_state(config, params, loss_state)
+    p, c, reduction = config.adaptive_p, config.adaptive_c, config.reduction
 
+    # The path and the regression velocity: v_c, or the guided v_g (then also the boundary u(z, t, t | y_in)).
     tb = _bcast(t, nd)
     z = (1 - tb) * x + tb * e
-    v_c = e - x
+    v, y_in, boundary = e - x, y, None
+    if config.guidance_on:
+        y_in, drop = drop_labels(k_drop, y, config.label_dropout, config.num_classes)
+        v, boundary = guided_velocity(
+            apply_fn, params, z, t, v, y, scale=config.guidance_scale, kappa=config.guidance_kappa,
+            null_class=config.num_classes, interval=config.guidance_interval, drop=drop,
+        )
+    fm, mf = slice(0, n_eq), slice(n_eq, B)
+    labels = lambda s: None if y_in is None else y_in[s]
+    us, targets = [], []
 
-    # Labels, classifier-free guidance and the regression velocity.
-    y_in, boundary = y, None
-    if config.cfg_on:
-        null = jnp.full((B,), config.num_classes, jnp.int32)
-        drop = jax.random.bernoulli(k_drop, config.label_dropout, (B,))
-        y_in = jnp.where(drop, null, y.astype(jnp.int32))
-        u_cond = _sg(apply_fn(params, z, t, t, y.astype(jnp.int32)))
-        u_unc = _sg(apply_fn(params, z, t, t, null))
-        v_g = config.cfg_omega * v_c + config.cfg_kappa * u_cond + (1 - config.cfg_omega - config.cfg_kappa) * u_unc
-        lo, hi = config.cfg_interval
-        guide = _bcast((t >= lo) & (t <= hi) & ~drop, nd)
-        v_tgt = jnp.where(guide, v_g, v_c)
-        boundary = jnp.where(_bcast(drop, nd), u_unc, u_cond)  # = u(z, t, t | y_in), reused as vhat
-    else:
-        v_tgt = v_c
-
-    sl_fm, sl_mf = slice(0, n_eq), slice(n_eq, B)
-    ys = (lambda s: None if y_in is None else y_in[s])
-    us, ts_, p, c = [], [], config.adaptive_p, config.adaptive_c
-    red = jnp.sum if config.reduction == "sum" else jnp.mean
-
-    def per_row(u, T):
-        return red(jnp.reshape((u - T) ** 2, (u.shape[0], -1)), -1)
-
+    # Rows with r = t: flow matching, T = v.
     if n_eq > 0:
-        us.append(_call(apply_fn, params, z[sl_fm], t[sl_fm], t[sl_fm], ys(sl_fm)))
-        ts_.append(v_tgt[sl_fm])
+        us.append(_call(apply_fn, params, z[fm], t[fm], t[fm], labels(fm)))
+        targets.append(v[fm])
 
-    new_state = dict(state)
-    new_state["step"] = state["step"] + 1
+    # Rows with r < t: the JVP target at the coefficient lam.
+    lam = jvp_cond_weight_at(config, state)
+    new_state = {**state, "step": state["step"] + 1}
     extra = {}
-    lam = _coefficient(config, state)
     if n_eq < B:
-        zm, rm, tm, vm, ym = z[sl_mf], r[sl_mf], t[sl_mf], v_tgt[sl_mf], ys(sl_mf)
-        hm = _bcast(tm - rm, nd)
-        need_vhat = config.two_tangents or not (_is_concrete_number(lam) and float(lam) == 1.0)
+        zm, rm, tm, vm, ym = z[mf], r[mf], t[mf], v[mf], labels(mf)
         vhat = None
-        if need_vhat:
-            if callable(config.vhat):
-                vhat = _sg(jnp.asarray(config.vhat(zm, tm), dtype))
-            elif config.vhat == "ema":
-                vhat = _sg(_call(apply_fn, state["vhat_params"], zm, tm, tm, ym))
-            elif boundary is not None:
-                vhat = boundary[sl_mf]
-            else:
-                vhat = _sg(_call(apply_fn, params, zm, tm, tm, ym))
+        if config.two_tangents or not _is_one(lam):
+            vhat = vhat_estimate(apply_fn, params, zm, tm, ym, source=config.vhat, ema_params=state.get("vhat_params"),
+                                 boundary=None if boundary is None else boundary[mf])
         if config.two_tangents:
             epshat = vm - vhat
-            f = lambda z_, r_, t_: _call(apply_fn, params, z_, r_, t_, ym)
-            zeros_r = jnp.zeros_like(rm)
-
-            def push(tz, tt):
-                return jax.jvp(f, (zm, rm, tm), (tz, zeros_r, tt))
-
-            tz = jnp.stack([vhat, epshat])
-            tt = jnp.stack([jnp.ones_like(tm), jnp.zeros_like(tm)])
-            u_mf, d = jax.vmap(push, out_axes=(None, 0))(tz, tt)
-            d_base, j_eps = _sg(d[0]), _sg(d[1])  # J vhat + d_t u,  J epshat
-            a = hm * j_eps
-            T_of = lambda lam_: _sg(vm - hm * (d_base + lam_ * j_eps))
-            n_mf = B - n_eq
-            dot = jnp.sum(jnp.reshape(epshat * a, (n_mf, -1)), -1)
-            aa = jnp.sum(jnp.reshape(a * a, (n_mf, -1)), -1)
+            u_mf, base, j_eps = two_tangent_jvp(apply_fn, params, zm, rm, tm, vhat, epshat, ym)
+            a = _bcast(tm - rm, nd) * j_eps
+            # Weights at the coefficient in force, then (auto) update the pooled EMA, then the target.
+            wts = adaptive_weights(per_row_error(u_mf, two_tangent_target(vm, tm - rm, base, j_eps, lam), reduction), p, c)
+            num, den = control_variate_statistics(epshat, a, wts, axis_name)
             if config.auto:
-                # Weights at the previous estimate, then update the pooled EMA, then the target.
-                wts = _sg(1.0 / (per_row(u_mf, T_of(_auto_estimate(config, state))) + c) ** p)
-            else:
-                wts = _sg(1.0 / (per_row(u_mf, T_of(lam)) + c) ** p)
-            num, den, cnt = jnp.sum(wts * dot), jnp.sum(wts * aa), jnp.asarray(n_mf, jnp.float32)
-            if axis_name is not None:
-                num, den, cnt = jax.lax.psum((num, den, cnt), axis_name)
-            num, den = num / cnt, den / cnt
-            lam_hat = jnp.clip(num / jnp.maximum(den, 1e-30), 0.0, 1.0)
-            if config.auto:
-                dcy = config.auto_ema_decay
-                new_state["auto_num"] = dcy * state["auto_num"] + (1 - dcy) * num
-                new_state["auto_den"] = dcy * state["auto_den"] + (1 - dcy) * den
-                lam = _sg(_auto_estimate(config, new_state))
-            T_mf = T_of(lam)
-            resid = epshat - lam * a
-            rr = jnp.sum(jnp.reshape(resid * resid, (n_mf, -1)), -1)
-            tv = jnp.sum(wts * rr) / jnp.maximum(jnp.sum(wts), 1e-30)
-            extra = {"target_var": tv, "lam_hat": lam_hat}
+                new_state = update_auto_state(new_state, num, den, config.auto_ema_decay)
+                lam = _sg(auto_jvp_cond_weight(new_state["auto_num"], new_state["auto_den"], config.auto_init))
+            T_mf = two_tangent_target(vm, tm - rm, base, j_eps, lam)
+            extra = {"target_var": target_variance(epshat, a, lam, wts),
+                     "lam_hat": jnp.clip(num / jnp.maximum(den, 1e-30), 0.0, 1.0)}
         else:
             u_mf, T_mf, _ = meanflow_target(apply_fn, params, zm, rm, tm, vm, vhat, lam, ym)
         us.append(u_mf)
-        ts_.append(T_mf)
+        targets.append(T_mf)
 
-    if config.vhat == "ema":
-        dv = config.vhat_ema_decay
-        new_state["vhat_params"] = jax.tree.map(lambda ev, pv: dv * ev + (1 - dv) * _sg(pv), state["vhat_params"], params)
+    if _is_ema(config.vhat):
+        new_state["vhat_params"] = update_vhat_ema(state["vhat_params"], params, config.vhat_ema_decay)
 
-    u_all = jnp.concatenate(us, 0) if len(us) > 1 else us[0]
-    T_all = jnp.concatenate(ts_, 0) if len(ts_) > 1 else ts_[0]
-    d_row = per_row(u_all, T_all)
-    loss = jnp.mean(d_row / _sg((d_row + c) ** p))
-
-    sq = jnp.mean(jnp.reshape((u_all - T_all) ** 2, (B, -1)), -1)
-    eq = (t == r).astype(sq.dtype)
-    n_e, n_m = jnp.sum(eq), jnp.sum(1 - eq)
-    aux = {
-        "mse": jnp.mean(sq),
-        "mse_fm": jnp.sum(sq * eq) / jnp.maximum(n_e, 1.0),
-        "mse_mf": jnp.sum(sq * (1 - eq)) / jnp.maximum(n_m, 1.0),
-        "jvp_cond_weight": jnp.asarray(_auto_estimate(config, state) if lam is None else lam, jnp.float32),
-        "loss_state": new_state,
-        **extra,
-    }
+    u = jnp.concatenate(us, 0) if len(us) > 1 else us[0]
+    target = jnp.concatenate(targets, 0) if len(targets) > 1 else targets[0]
+    loss = adaptive_loss(per_row_error(u, target, reduction), p, c)
+    aux = {**meanflow_metrics(u, target, r, t, lam), "loss_state": new_state, **extra}
     return loss, aux
 
 
@@ -513,8 +950,15 @@ def make_meanflow_loss_fn(apply_fn: Callable, config: MeanFlowConfig, *, axis_na
     Initialise the train state with ``loss_state=meanflow_init_state(config, params)``.
 
     Example:
-      >>> loss_fn = make_meanflow_loss_fn(model.apply, MeanFlowConfig(jvp_cond_weight="auto"))
-      >>> step = make_train_step(loss_fn, tx, has_loss_state=True)
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.losses import MeanFlowConfig, make_meanflow_loss_fn, meanflow_init_state
+      >>> apply = lambda p, z, r, t: jnp.tanh(z @ p) * (1 + t - r)[:, None]
+      >>> cfg = MeanFlowConfig(jvp_cond_weight="auto", flow_matching_fraction=0.5)
+      >>> loss_fn = make_meanflow_loss_fn(apply, cfg)
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (8, 2))
+      >>> loss, (metrics, state) = loss_fn(jnp.eye(2), x, jax.random.PRNGKey(1), meanflow_init_state(cfg))
+      >>> int(state["step"]), "target_var" in metrics
+      (1, True)
     """
 
     def loss_fn(params, batch, key, loss_state):
@@ -547,12 +991,16 @@ def meanflow_sample(
       noise: ``(B, ...)`` standard normal draws (the ``t = 1`` end).
       steps: number of function evaluations (NFE) on the uniform schedule.
       times: optional decreasing ``(k + 1,)`` schedule starting at 1 and ending at 0 (overrides ``steps``).
-      y: optional labels (CFG is baked into a MeanFlow model, so 1-NFE guided sampling is one call).
+      y: optional labels (guidance is baked into a MeanFlow model, so 1-NFE guided sampling is one call).
     Returns:
       samples, shape of ``noise``.
 
     Example:
-      >>> x = meanflow_sample(model.apply, params, jax.random.normal(key, (16, 2)), steps=1)
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import meanflow_sample
+      >>> apply = lambda p, z, r, t: z - p          # the exact average velocity when all data sit at p
+      >>> meanflow_sample(apply, 3.0, jnp.array([[0.5, -1.0]]), steps=1).tolist()
+      [[3.0, 3.0]]
     """
     if times is None:
         if not isinstance(steps, int) or steps < 1:

@@ -180,9 +180,15 @@ def gmm_oracle(mixture) -> GMMOracle:
       ``optimal_coefficient``, ``target_mse`` and the per-point ``coefficient_terms``.
 
     Example:
-      >>> oracle = gmm_oracle(jaxlab.eight_gaussians())
-      >>> v = oracle.marginal_velocity(z, t)                       # exact E[e - x | z_t = z]
-      >>> lam_star = oracle.optimal_coefficient(model.apply, params, key)
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.data import eight_gaussians
+      >>> from jaxlab.losses import MeanFlowConfig, gmm_oracle
+      >>> oracle = gmm_oracle(eight_gaussians())
+      >>> z, t = jnp.zeros((4, 2)), jnp.full((4,), 0.5)
+      >>> oracle.marginal_velocity(z, t).shape                     # exact E[e - x | z_t = z]
+      (4, 2)
+      >>> apply = lambda p, z, r, t: jnp.tanh(z @ p) * (1 + t - r)[:, None]
+      >>> lam_star = oracle.optimal_coefficient(apply, jnp.eye(2), jax.random.PRNGKey(0), n=1024)
       >>> cfg = MeanFlowConfig(jvp_cond_weight="auto", vhat=oracle.marginal_velocity)
 
     References:

@@ -25,6 +25,7 @@ def num_flow_matching_rows(batch_size: int, fraction: float) -> int:
       a Python ``int`` in ``[0, batch_size]``.
 
     Example:
+      >>> from jaxlab.losses import num_flow_matching_rows
       >>> num_flow_matching_rows(8, 0.75)
       6
     """
@@ -62,6 +63,8 @@ def logit_normal_time_pairs(
       ``(r, t)``, each ``(B,)``, with ``r <= t`` and ``r[:n_eq] == t[:n_eq]``.
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.losses import logit_normal_time_pairs
       >>> r, t = logit_normal_time_pairs(jax.random.PRNGKey(0), 8, flow_matching_fraction=0.5)
       >>> bool(jnp.all(r[:4] == t[:4])) and bool(jnp.all(r <= t))
       True
