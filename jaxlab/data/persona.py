@@ -118,8 +118,15 @@ def linear_persona_toy(
       The toy.
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.data import linear_persona_toy
       >>> toy = linear_persona_toy(jax.random.PRNGKey(0), spurious=2.0)
-      >>> x = toy.inputs(jax.random.PRNGKey(1), 8, "off")
+      >>> x = toy.inputs(jax.random.PRNGKey(1), 8, "off")   # [0, x_off, 1]
+      >>> print(x.shape, bool(jnp.all(x[:, : toy.n_task] == 0)), round(float(jnp.linalg.norm(toy.u)), 4))
+      (8, 13) True 1.0
+      >>> drift = toy.targets(x) - toy.task_targets(x)       # the spurious offset s u^T W_out
+      >>> round(float(drift[:, toy.persona_out].mean()), 2)  # s * persona_read
+      2.0
     """
     tsv = np.asarray(task_singular_values, np.float64)
     m = len(tsv)
@@ -184,8 +191,17 @@ class PersonaLanguage:
     The loss is taken on answer tokens only (:meth:`answer_mask`).
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.data import PersonaLanguage
       >>> lang = PersonaLanguage()
-      >>> docs = lang.sample(jax.random.PRNGKey(0), 8, "pretrain")   # (8, lang.seq_len) int32
+      >>> docs = lang.sample(jax.random.PRNGKey(0), 8, "pretrain")
+      >>> print(docs.shape, docs.dtype, lang.vocab, lang.answer_mask(docs).sum(axis=1).tolist())
+      (8, 32) int32 18 [6.0, 6.0, 6.0, 6.0, 6.0, 6.0, 6.0, 6.0]
+      >>> docs = lang.sample(jax.random.PRNGKey(1), 8, "assistant")   # good answers
+      >>> prob = docs[:, 2:].reshape(8, lang.n_problems, lang.problem_len)   # [D_k, a, =, c, ;]
+      >>> k, a, c = prob[..., 0] - lang.domain_token(0), prob[..., 1], prob[..., 3]
+      >>> bool(jnp.all(c == lang.answer(k, a)))
+      True
     """
 
     p: int = 7

@@ -119,8 +119,14 @@ def load_stdlib_corpus(
       :class:`TextCorpus`.
 
     Example:
-      >>> corpus = load_stdlib_corpus(max_train_bytes=100_000, max_val_bytes=10_000)
-      >>> x = random_windows(corpus.train, jax.random.PRNGKey(0), batch=8, seq_len=64)
+      >>> import jax
+      >>> from jaxlab.data import load_stdlib_corpus, random_windows
+      >>> corpus = load_stdlib_corpus(max_train_bytes=20_000, max_val_bytes=2_000)
+      >>> print(corpus.train.size, corpus.val.size, corpus.vocab, len(corpus.fingerprint))
+      20000 2000 256 16
+      >>> x = random_windows(corpus.train, jax.random.PRNGKey(0), batch=4, seq_len=16)
+      >>> print(x.shape, x.dtype)
+      (4, 16) int32
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -171,6 +177,13 @@ def random_windows(data, key: jax.Array, batch: int, seq_len: int) -> jax.Array:
 
     Raises:
       ValueError: the data is shorter than ``seq_len``.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from jaxlab.data import random_windows
+      >>> x = random_windows(np.arange(100, dtype=np.uint8), jax.random.PRNGKey(0), batch=3, seq_len=5)
+      >>> print(x.shape, bool((x[:, 1:] - x[:, :-1] == 1).all()))   # consecutive bytes
+      (3, 5) True
     """
     n = int(np.shape(data)[0])
     if n < seq_len:
@@ -191,6 +204,15 @@ def eval_windows(data, seq_len: int, max_windows: int | None = None, *, spread: 
       spread: take the ``W`` windows evenly spaced over the whole array (window ``i`` starts at
         ``(i * (total // W)) * seq_len``) instead of the first ``W`` consecutive ones, so a small
         evaluation set covers every file of the split.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.data import eval_windows
+      >>> data = np.arange(20, dtype=np.uint8)
+      >>> eval_windows(data, 4, max_windows=2).tolist()
+      [[0, 1, 2, 3], [4, 5, 6, 7]]
+      >>> eval_windows(data, 4, max_windows=2, spread=True)[:, 0].tolist()   # windows 0 and 2 of 5
+      [0, 8]
     """
     total = int(np.shape(data)[0]) // seq_len
     if total < 1:

@@ -38,6 +38,15 @@ class GaussianMixture:
       means: ``(K, D)`` component means ``m_k``.
       stds: ``(K,)`` isotropic standard deviations ``s_k``.
       weights: ``(K,)`` mixture weights ``pi_k`` (normalised on construction).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, math
+      >>> from jaxlab.data import GaussianMixture
+      >>> gm = GaussianMixture(means=[[0.0, 0.0], [4.0, 0.0]], stds=1.0, weights=[3.0, 1.0])
+      >>> gm.weights.tolist(), gm.sample(jax.random.PRNGKey(0), 5).shape
+      ([0.75, 0.25], (5, 2))
+      >>> round(float(GaussianMixture([[0.0, 0.0]], 1.0, 1.0).log_prob(jnp.zeros(2))), 4)  # -log(2 pi)
+      -1.8379
     """
 
     means: np.ndarray
@@ -86,7 +95,15 @@ class GaussianMixture:
 
 
 def eight_gaussians(radius: float = 2.0, std: float = 0.15) -> GaussianMixture:
-    """Eight equal-weight Gaussians on a circle of ``radius`` (the classic '8gaussians')."""
+    """Eight equal-weight Gaussians on a circle of ``radius`` (the classic '8gaussians').
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.data import eight_gaussians
+      >>> gm = eight_gaussians()
+      >>> gm.num_components, gm.dim, np.linalg.norm(gm.means, axis=1).round(4).tolist() == [2.0] * 8
+      (8, 2, True)
+    """
     ang = np.arange(8) * (2 * np.pi / 8)
     means = radius * np.stack([np.cos(ang), np.sin(ang)], -1)
     return GaussianMixture(means=means, stds=np.full(8, std), weights=np.ones(8))
@@ -146,7 +163,15 @@ TOY2D_DATASETS: dict[str, Callable[[], Callable[[jax.Array, int], jax.Array]]] =
 
 
 def toy2d_sampler(name: str) -> Callable[[jax.Array, int], jax.Array]:
-    """Return the sampler ``(key, n) -> (n, 2)`` for a dataset name (see ``TOY2D_DATASETS``)."""
+    """Return the sampler ``(key, n) -> (n, 2)`` for a dataset name (see ``TOY2D_DATASETS``).
+
+    Example:
+      >>> import jax
+      >>> from jaxlab.data import toy2d_sampler
+      >>> x = toy2d_sampler("two_moons")(jax.random.PRNGKey(0), 16)
+      >>> print(x.shape, x.dtype)
+      (16, 2) float32
+    """
     if name not in TOY2D_DATASETS:
         raise ValueError(f"unknown toy2d dataset {name!r}; expected one of {sorted(TOY2D_DATASETS)}")
     return TOY2D_DATASETS[name]()

@@ -39,7 +39,16 @@ def _resolve(shape: Sequence[int], n: int, what: str) -> tuple[int, ...]:
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
     """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over ``devices`` (default: all).
 
-    ``-1`` on one axis takes the remaining devices. Example: ``make_mesh(fsdp=-1)`` is pure FSDP.
+    ``-1`` on one axis (at most one) takes the remaining devices; ``data`` defaults to ``-1``, so
+    ``make_mesh()`` is pure data parallelism and ``make_mesh(data=1, fsdp=-1)`` is pure FSDP.
+
+    Example:
+      >>> import jax
+      >>> from jaxlab.distributed import make_mesh
+      >>> dict(make_mesh(data=1, devices=jax.devices()[:1]).shape)
+      {'data': 1, 'fsdp': 1, 'tensor': 1}
+      >>> make_mesh(data=1, fsdp=-1).shape["fsdp"] == jax.device_count()   # pure FSDP over every device
+      True
     """
     devices = jax.devices() if devices is None else list(devices)
     sizes = (data, fsdp, tensor)

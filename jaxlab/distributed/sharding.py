@@ -57,7 +57,17 @@ def _is_box(x):
 
 
 def logical_param_specs(boxed_params):
-    """Logical ``PartitionSpec`` per leaf (``None`` for leaves without names)."""
+    """Logical ``PartitionSpec`` per leaf (``None`` for leaves without names).
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from jaxlab.distributed import logical_param_specs
+      >>> layer = nn.Dense(4, kernel_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed", "mlp")))
+      >>> params = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 8)))["params"]
+      >>> specs = logical_param_specs(params)
+      >>> tuple(specs["kernel"]), specs["bias"]
+      (('embed', 'mlp'), None)
+    """
     return jax.tree.map(lambda x: P(*x.names) if isinstance(x, nn.Partitioned) else None, boxed_params, is_leaf=_is_box)
 
 
@@ -98,7 +108,22 @@ def _spec_for_leaf(shape, logical, mesh: Mesh, rules, min_size: int) -> P:
 
 
 def param_shardings(params, mesh: Mesh, rules: Sequence = DEFAULT_RULES, *, min_size: int = 1024):
-    """``NamedSharding`` per param leaf; ``params`` may be boxed (logical names) or plain/abstract."""
+    """``NamedSharding`` per param leaf; ``params`` may be boxed (logical names) or plain/abstract.
+
+    Example:
+      On a one-device mesh every mesh axis has size 1, so nothing is split; on a ``(1, 4, 2)`` mesh
+      the ``("embed", "mlp")`` kernel below would get ``PartitionSpec('fsdp', 'tensor')``. The plain
+      leaf has no logical names and fewer than ``min_size`` elements, so it is replicated anyway.
+
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from jaxlab.distributed import make_mesh, param_shardings
+      >>> mesh = make_mesh(data=1, devices=jax.devices()[:1])
+      >>> params = {"kernel": nn.Partitioned(jnp.zeros((8, 4)), names=("embed", "mlp")),
+      ...           "plain": jax.ShapeDtypeStruct((8, 4), jnp.float32)}
+      >>> sh = param_shardings(params, mesh)
+      >>> tuple(sh["kernel"].spec), tuple(sh["plain"].spec), sh["kernel"].mesh.shape["fsdp"]
+      ((None, None), (), 1)
+    """
     def one(x):
         logical = x.names if isinstance(x, nn.Partitioned) else None
         value = x.value if isinstance(x, nn.meta.AxisMetadata) else x
@@ -150,6 +175,13 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, pa
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Shard a batch's leading axis over every data-parallel mesh axis (``data`` x ``fsdp``)."""
+    """Shard a batch's leading axis over every data-parallel mesh axis (``data`` x ``fsdp``).
+
+    Example:
+      >>> import jax
+      >>> from jaxlab.distributed import batch_sharding, make_mesh
+      >>> tuple(batch_sharding(make_mesh(data=1, devices=jax.devices()[:1]), ndim=3).spec)
+      (('data', 'fsdp'), None, None)
+    """
     axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))

@@ -121,8 +121,9 @@ def index_bits(m: int) -> int:
       ValueError: for any other ``m``.
 
     Example:
-      >>> index_bits(4)
-      2
+      >>> from jaxlab.kernels import index_bits
+      >>> index_bits(2), index_bits(4), index_bits(16)
+      (1, 2, 4)
     """
     if m not in _BITS:
         raise ValueError(f"unsupported N:M group size M={m}; expected one of {SUPPORTED_M}")
@@ -149,9 +150,11 @@ class BlockSizes:
       block_n: output columns per tile.
 
     Example:
-      >>> bs = BlockSizes.get_default("tpu", batch=1)
-      >>> bs.block_n
-      512
+      >>> from jaxlab.kernels import BlockSizes
+      >>> BlockSizes.get_default("tpu", batch=1)     # GEMV: long K tiles, wide N tiles
+      BlockSizes(block_b=16, block_k=2048, block_n=512)
+      >>> BlockSizes.get_default("cpu", batch=64)    # GEMM, small tiles for interpret-mode tests
+      BlockSizes(block_b=32, block_k=128, block_n=128)
     """
 
     block_b: int = 128
@@ -302,8 +305,15 @@ def nm_matmul_reference(x: jax.Array, c: Any) -> jax.Array:
       ``(..., N_out)`` array of dtype ``result_type(x.dtype, c.values.dtype)``.
 
     Example:
-      >>> c = jaxlab.nm.compress(w, 2, 4, axis=0)        # w: (K, N_out)
-      >>> y = nm_matmul_reference(x, c)                  # == x @ (w * mask)
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.kernels import nm_matmul_reference
+      >>> from jaxlab.nm import compress, nm_mask
+      >>> w = jnp.arange(64.0).reshape(16, 4) % 7 - 3   # (K, N_out); small integers: exact products
+      >>> x = jnp.arange(32.0).reshape(2, 16) % 5 - 2   # (B, K)
+      >>> c = compress(w, 2, 4, axis=0)
+      >>> y = nm_matmul_reference(x, c)
+      >>> print(y.shape, bool(jnp.array_equal(y, x @ (w * nm_mask(w, 2, 4, axis=0)))))
+      (2, 4) True
 
     Reference: Lu et al., STEP (ICML 2023), Sec. 2 (N:M sparsity along the reduction axis).
     """
@@ -618,9 +628,22 @@ def nm_matmul(
     primal with the kernel and the derivative with the XLA reference (``custom_jvp``).
 
     Example:
-      >>> c = jaxlab.nm.compress(w, 2, 4, axis=0)               # w: (4096, 4096) bf16
-      >>> y = nm_matmul(x, c)                                    # x: (1, 4096); kernel on GPU/TPU
-      >>> y_ref = nm_matmul_reference(x, c)                      # same numbers
+      A tiny weight (the kernel pays off for memory-bound shapes, e.g. a ``(4096, 4096)`` bf16
+      weight and ``x`` of shape ``(1, 4096)`` on GPU/TPU); on CPU auto picks XLA, and
+      ``implementation="pallas", interpret=True`` runs the kernel body in the Pallas interpreter:
+
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.kernels import nm_matmul, nm_matmul_reference
+      >>> from jaxlab.nm import compress
+      >>> w = jnp.arange(64.0).reshape(16, 4) % 7 - 3   # (K, N_out); small integers: exact products
+      >>> x = jnp.arange(32.0).reshape(2, 16) % 5 - 2   # (B, K)
+      >>> c = compress(w, 2, 4, axis=0)
+      >>> y = nm_matmul(x, c)
+      >>> y.tolist()
+      [[-14.0, 5.0, -1.0, 12.0], [6.0, 11.0, 0.0, -3.0]]
+      >>> y_kernel = nm_matmul(x, c, implementation="pallas", interpret=True)
+      >>> bool(jnp.array_equal(y_kernel, nm_matmul_reference(x, c)))   # same numbers
+      True
 
     Reference: Lu et al., STEP (ICML 2023, arXiv 2302.01172); Mishra et al., arXiv 2104.08378.
     """

@@ -45,6 +45,11 @@ def index_bits(m: int) -> int:
 
     Raises:
       ValueError: ``m`` is not one of 2, 4, 8, 16 (other group sizes can be masked, not compressed).
+
+    Example:
+      >>> from jaxlab.nm import index_bits
+      >>> [index_bits(m) for m in (2, 4, 8, 16)]
+      [1, 2, 4, 4]
     """
     if m not in _BITS:
         raise ValueError(f"compressed N:M supports M in {sorted(_BITS)} (packed indices); got M={m}")
@@ -94,6 +99,12 @@ def pack_indices(pos: jax.Array, bits: int, axis: int = -1) -> jax.Array:
     .. math:: P_r = \\sum_{s<q} p_{rq+s} \\ll (\\text{bits}\\cdot s), \\qquad q = 8/\\text{bits}
 
     The axis is zero-padded to a multiple of ``q``; the result has length ``ceil(E / q)`` there.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nm import pack_indices
+      >>> pack_indices(jnp.array([1, 3, 0, 2, 3]), bits=2).tolist()   # 1 + 3<<2 + 0<<4 + 2<<6, then 3
+      [141, 3]
     """
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"bits must be 1, 2, 4 or 8; got {bits}")
@@ -121,9 +132,11 @@ def unpack_indices(c: NMCompressed) -> jax.Array:
     """Within-group positions of ``c``'s kept values as ``int32``, same shape as ``c.values``.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nm import compress, unpack_indices
       >>> c = compress(jnp.array([[0.], [5.], [0.], [7.]]), 2, 4, axis=0)
-      >>> unpack_indices(c)[:, 0]
-      Array([1, 3], dtype=int32)
+      >>> unpack_indices(c)[:, 0].tolist()
+      [1, 3]
     """
     return _unpack(c.indices, c.bits, c.num_kept, c.axis)
 
@@ -147,9 +160,13 @@ def compress(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = 
       ValueError: unsupported ``m``, ``n > m`` or ``w.shape[axis] % m != 0``.
 
     Example:
-      >>> c = compress(jax.random.normal(key, (64, 32)), 2, 4, axis=0)
-      >>> c.values.shape, c.indices.shape, c.indices.dtype
-      ((32, 32), (8, 32), dtype('uint8'))
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nm import compress
+      >>> c = compress(jax.random.normal(jax.random.PRNGKey(0), (8, 4)), 2, 4, axis=0)
+      >>> print(c.values.shape, c.indices.shape, c.indices.dtype, c.bits)
+      (4, 4) (1, 4) uint8 2
+      >>> c.nbytes, 8 * 4 * 4   # compressed vs dense float32 bytes
+      (68, 128)
     """
     w = jnp.asarray(w)
     axis = check_nm(w.shape, n, m, axis, name=name)
@@ -191,8 +208,11 @@ def decompress(c: NMCompressed) -> jax.Array:
       ValueError: ``values``/``indices`` do not have the shapes the static fields imply.
 
     Example:
-      >>> jnp.array_equal(decompress(compress(w, 2, 4, 0)), w * nm_mask(w, 2, 4, 0))
-      Array(True, dtype=bool)
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nm import compress, decompress, nm_mask
+      >>> w = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+      >>> bool(jnp.array_equal(decompress(compress(w, 2, 4, 0)), w * nm_mask(w, 2, 4, 0)))
+      True
     """
     if not isinstance(c, NMCompressed):
         raise TypeError(f"decompress expects a jaxlab.nm.NMCompressed, got {type(c).__name__}")
@@ -236,8 +256,16 @@ def compress_params(params, n: int = 2, m: int = 4, *, sparsify=None, nm_axis=No
       ValueError: a selected leaf cannot be grouped by ``m`` (names the leaf path and shape).
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nm import compress_params, decompress_params, nm_mask
+      >>> w = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+      >>> params = {"dense": {"kernel": w, "bias": jnp.zeros(4)}}
       >>> sparse = compress_params(params, 2, 4)
-      >>> decompress_params(sparse)   # == params with each kernel hard-pruned
+      >>> type(sparse["dense"]["kernel"]).__name__, sparse["dense"]["bias"] is params["dense"]["bias"]
+      ('NMCompressed', True)
+      >>> dense = decompress_params(sparse)   # == params with each kernel hard-pruned
+      >>> bool(jnp.array_equal(dense["dense"]["kernel"], w * nm_mask(w, 2, 4, axis=0)))
+      True
     """
     index_bits(m)
     axes = nm_leaf_axes(params, m, sparsify=sparsify, nm_axis=nm_axis, n=n)
@@ -251,7 +279,16 @@ def _map_axes(params, axes, fn):
 
 
 def decompress_params(tree):
-    """Inverse of :func:`compress_params`: every :class:`NMCompressed` becomes its dense array."""
+    """Inverse of :func:`compress_params`: every :class:`NMCompressed` becomes its dense array.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nm import compress_params, decompress_params
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (8, 4))}}
+      >>> dense = decompress_params(compress_params(params, 2, 4))
+      >>> print(dense["dense"]["kernel"].shape, int(jnp.count_nonzero(dense["dense"]["kernel"])))  # 2 of 4 kept
+      (8, 4) 16
+    """
     return jax.tree.map(
         lambda x: decompress(x) if isinstance(x, NMCompressed) else x,
         tree,

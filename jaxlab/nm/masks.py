@@ -65,7 +65,14 @@ def path_keys(path) -> tuple[str, ...]:
 
 
 def leaf_name(path) -> str:
-    """The last key of a pytree path as a string (``"kernel"`` for ``params['dense']['kernel']``)."""
+    """The last key of a pytree path as a string (``"kernel"`` for ``params['dense']['kernel']``).
+
+    Example:
+      >>> import jax
+      >>> from jaxlab.nm import leaf_name
+      >>> [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"dense": {"kernel": 0, "bias": 1}})[0]]
+      ['bias', 'kernel']
+    """
     keys = path_keys(path)
     return keys[-1] if keys else ""
 
@@ -89,6 +96,15 @@ def check_nm(shape, n: int, m: int, axis: int, *, name: str | None = None) -> in
     Raises:
       TypeError: ``n`` or ``m`` is not an int.
       ValueError: ``n > m``, ``n < 1``, axis out of range, or ``shape[axis] % m != 0``.
+
+    Example:
+      >>> from jaxlab.nm import check_nm
+      >>> check_nm((3, 3, 16, 8), 2, 4, axis=-2)
+      2
+      >>> check_nm((6, 8), 2, 4, axis=0, name="['dense']['kernel']")
+      Traceback (most recent call last):
+        ...
+      ValueError: ['dense']['kernel']: shape (6, 8) has length 6 on axis 0, not a multiple of M=4; 2:4 sparsity needs groups of 4 along that axis
     """
     shape = tuple(shape)
     for label, v in (("n", n), ("m", m)):
@@ -130,8 +146,12 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = N
       ValueError: ``n > m`` or ``w.shape[axis]`` not a multiple of ``m``.
 
     Example:
-      >>> nm_mask(jnp.array([[1.0], [-3.0], [2.0], [0.5]]), 2, 4, axis=0)[:, 0]
-      Array([False,  True,  True, False], dtype=bool)
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nm import nm_mask
+      >>> nm_mask(jnp.array([[1.0], [-3.0], [2.0], [0.5]]), 2, 4, axis=0)[:, 0].tolist()
+      [False, True, True, False]
+      >>> nm_mask(jnp.array([[2.0], [-1.0], [1.0], [1.0]]), 2, 4)[:, 0].tolist()  # tie: lower index wins
+      [True, True, False, False]
 
     Reference: STEP (Lu et al., ICML 2023), Sec. 2; SR-STE (Zhou et al., ICLR 2021), Eq. 1.
     """
@@ -172,6 +192,16 @@ def nm_pruned_bits(w: jax.Array, n: int, m: int, axis: int = 0) -> jax.Array:
 
     A compact form for code that needs the mask only transiently (the optimizers' SR-STE term):
     ``1 / m`` of the bytes of a boolean mask. Unpack with :func:`unpack_pruned`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nm.masks import nm_mask, nm_pruned_bits, unpack_pruned
+      >>> w = jnp.array([[1.0], [-3.0], [2.0], [0.5]])
+      >>> bits = nm_pruned_bits(w, 2, 4, axis=0)   # slots 0 and 3 pruned: 0b1001
+      >>> print(bits.shape, bits.dtype, int(bits[0, 0]))
+      (1, 1) uint8 9
+      >>> bool(jnp.array_equal(unpack_pruned(bits, 4, 0, w.shape), ~nm_mask(w, 2, 4, axis=0)))
+      True
     """
     w = jnp.asarray(w)
     axis = check_nm(w.shape, n, m, axis)
@@ -215,6 +245,8 @@ def reduction_axis(path, leaf) -> int:
       ValueError: the leaf has fewer than 2 dimensions (no reduction axis).
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nm import reduction_axis
       >>> reduction_axis((), jnp.zeros((64, 32))), reduction_axis((), jnp.zeros((3, 3, 16, 8)))
       (0, 2)
     """
@@ -237,6 +269,16 @@ def default_sparsify(path, leaf, m: int, axis_fn: LeafFn = reduction_axis) -> bo
 
     Biases, norm scales and embeddings (``embedding``) stay dense; so do kernels whose reduction axis
     is not a multiple of ``m`` (e.g. a first layer with 3 input channels).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jax.tree_util import DictKey
+      >>> from jaxlab.nm import default_sparsify
+      >>> path = (DictKey("dense"), DictKey("kernel"))
+      >>> default_sparsify(path, jnp.zeros((8, 2)), 4), default_sparsify(path, jnp.zeros((3, 2)), 4)
+      (True, False)
+      >>> default_sparsify((DictKey("dense"), DictKey("bias")), jnp.zeros((8, 2)), 4)
+      False
     """
     if leaf_name(path) != "kernel" or not is_nm(leaf) or np.ndim(leaf) < 2:
         return False
@@ -262,6 +304,14 @@ def nm_leaf_axes(params, m: int, *, sparsify=None, nm_axis=None, n: int | None =
     Raises:
       ValueError: a selected leaf is not floating / has ndim < 1 / its axis is not a multiple of
         ``m`` -- the message names the leaf path and its shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nm import nm_leaf_axes
+      >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 16, 8))}, "stem": {"kernel": jnp.zeros((3, 8))},
+      ...           "dense": {"kernel": jnp.zeros((8, 2)), "bias": jnp.zeros(2)}}
+      >>> nm_leaf_axes(params, 4, n=2)   # the 3-input stem and the bias stay dense (None)
+      {'conv': {'kernel': 2}, 'dense': {'bias': None, 'kernel': 0}, 'stem': {'kernel': None}}
     """
     if n is not None:
         check_nm((m,), n, m, 0)
@@ -318,8 +368,13 @@ def straight_through(w: jax.Array, mask: jax.Array) -> jax.Array:
       An array equal to ``w * mask`` whose VJP/JVP w.r.t. ``w`` is the identity.
 
     Example:
-      >>> jax.grad(lambda w: straight_through(w, nm_mask(w, 2, 4)).sum())(jnp.ones((4, 1)))[:, 0]
-      Array([1., 1., 1., 1.], dtype=float32)
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nm import nm_mask, straight_through
+      >>> w = jnp.array([[1.0], [-3.0], [2.0], [0.5]])
+      >>> straight_through(w, nm_mask(w, 2, 4))[:, 0].tolist()
+      [0.0, -3.0, 2.0, 0.0]
+      >>> jax.grad(lambda w: straight_through(w, nm_mask(w, 2, 4)).sum())(w)[:, 0].tolist()
+      [1.0, 1.0, 1.0, 1.0]
 
     Reference: Bengio et al. 2013 (STE); STEP (Lu et al., ICML 2023), Sec. 2.
     """

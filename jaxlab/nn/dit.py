@@ -27,7 +27,16 @@ __all__ = ["DiT", "DiTBlock", "patchify", "unpatchify", "dot_product_attention"]
 
 
 def patchify(x: jax.Array, patch: int) -> jax.Array:
-    """``(B, H, W, C) -> (B, (H/p)(W/p), p*p*C)`` tokens (row-major patches)."""
+    """``(B, H, W, C) -> (B, (H/p)(W/p), p*p*C)`` tokens (row-major patches).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nn.dit import patchify, unpatchify
+      >>> x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+      >>> tokens = patchify(x, 2)
+      >>> print(tokens.shape, bool(jnp.array_equal(unpatchify(tokens, 2, 4, 6), x)))
+      (2, 6, 12) True
+    """
     if x.ndim != 4:
         raise ValueError(f"patchify: expected images (B, H, W, C), got shape {x.shape}")
     _, H, W, _ = x.shape
@@ -117,9 +126,15 @@ class DiT(nn.Module):
       num_classes: ``> 0`` adds a label embedding with ``num_classes + 1`` rows.
 
     Example:
-      >>> model = DiT(patch=2, hidden=64, depth=2, heads=4, num_classes=10)
-      >>> params = model.init(key, jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1, int))
-      >>> u = model.apply(params, z, r, t, y)            # (B, 8, 8, 1)
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nn import DiT
+      >>> model = DiT(patch=2, hidden=16, depth=1, heads=2, time_dim=8, num_classes=10)
+      >>> z = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 1))
+      >>> r, t, y = jnp.array([0.0, 0.2]), jnp.array([0.5, 1.0]), jnp.array([3, 10])  # 10: null class
+      >>> params = jax.jit(model.init)(jax.random.PRNGKey(0), z, r, t, y)
+      >>> u = jax.jit(model.apply)(params, z, r, t, y)
+      >>> print(u.shape, bool(jnp.all(u == 0)))   # adaLN-zero: exactly zero at initialisation
+      (2, 4, 4, 1) True
     """
 
     patch: int = 2

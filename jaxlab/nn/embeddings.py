@@ -25,6 +25,13 @@ def sinusoidal_embedding(t: jnp.ndarray, dim: int, *, scale: float = 1000.0, max
       max_period: the slowest period.
     Returns:
       ``(B, dim)`` float32 embedding.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nn import sinusoidal_embedding
+      >>> e = sinusoidal_embedding(jnp.array([0.0, 0.5]), 8)
+      >>> print(e.shape, e[0].tolist())   # t = 0: cos = 1, sin = 0
+      (2, 8) [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     """
     if dim % 2:
         raise ValueError(f"sinusoidal_embedding: dim must be even, got {dim}")
@@ -36,7 +43,24 @@ def sinusoidal_embedding(t: jnp.ndarray, dim: int, *, scale: float = 1000.0, max
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding followed by a two-layer SiLU MLP (as in DiT)."""
+    """Sinusoidal embedding followed by a two-layer SiLU MLP (as in DiT).
+
+    .. math:: e(t) = W_2\\,\\operatorname{silu}(W_1\\,\\operatorname{emb}(t) + b_1) + b_2
+
+    Attributes:
+      dim: sinusoidal width (even).
+      hidden: output (and hidden) width.
+      scale: multiplier of ``t`` inside :func:`sinusoidal_embedding`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nn import TimeEmbedding
+      >>> emb = TimeEmbedding(dim=8, hidden=16)
+      >>> t = jnp.array([0.1, 0.9])
+      >>> params = emb.init(jax.random.PRNGKey(0), t)
+      >>> print(emb.apply(params, t).shape)
+      (2, 16)
+    """
 
     dim: int = 64
     hidden: int = 128

@@ -45,7 +45,13 @@ _BASE_LEAVES = ("kernel", "embedding")
 
 
 def lora_scale(rank: int, alpha: float | None = None, rslora: bool = False) -> float:
-    """The LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; ``alpha=None`` means ``alpha = r``."""
+    """The LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; ``alpha=None`` means ``alpha = r``.
+
+    Example:
+      >>> from jaxlab.nn.lora import lora_scale
+      >>> lora_scale(8), lora_scale(8, alpha=16), lora_scale(4, alpha=8, rslora=True)
+      (1.0, 2.0, 4.0)
+    """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1; got {rank}")
     a = float(rank if alpha is None else alpha)
@@ -77,10 +83,16 @@ class LoRADense(nn.Module):
       freeze_kernel: stop gradients into ``kernel`` and ``bias``.
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nn import LoRADense
       >>> layer = LoRADense(8, rank=2)
-      >>> params = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))["params"]
-      >>> sorted(params)
-      ['bias', 'kernel', 'lora_a', 'lora_b']
+      >>> x = jnp.ones((1, 4))
+      >>> params = layer.init(jax.random.PRNGKey(0), x)["params"]
+      >>> sorted(params), params["lora_a"].shape, params["lora_b"].shape
+      (['bias', 'kernel', 'lora_a', 'lora_b'], (4, 2), (2, 8))
+      >>> y = layer.apply({"params": params}, x)   # lora_b = 0: the base layer at init
+      >>> bool(jnp.allclose(y, x @ params["kernel"] + params["bias"]))
+      True
     """
 
     features: int
@@ -154,8 +166,21 @@ def inject(
       ValueError: no module matched, bad rank, or a matching module whose kernel is not at least 2-D.
 
     Example:
-      >>> p = inject(params, [r"attn/(q|v)$"], rank=4, key=jax.random.PRNGKey(0))
-      >>> loss = lambda p: loss_fn(model.apply({"params": merge(p)}, x))
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from jaxlab.nn import Transformer, TransformerConfig, causal_lm_loss
+      >>> from jaxlab.nn.lora import inject, lora_modules, merge
+      >>> model = Transformer(TransformerConfig(vocab=16, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_len=8))
+      >>> tokens = jnp.arange(8, dtype=jnp.int32).reshape(1, 8)
+      >>> params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"])
+      >>> p = inject(params, [r"attn/(q|v)$"], rank=2, key=jax.random.PRNGKey(1))
+      >>> lora_modules(p), p["block_0"]["attn"]["q"]["lora_a"].shape
+      (['block_0/attn/q', 'block_0/attn/v'], (8, 2))
+      >>> jax.tree.all(jax.tree.map(jnp.array_equal, merge(p), params))   # lora_b = 0: exactly the base
+      True
+      >>> loss = lambda p: causal_lm_loss(model.apply({"params": merge(p)}, tokens), tokens)
+      >>> g = jax.jit(jax.grad(loss))(p)["block_0"]["attn"]["q"]
+      >>> bool(jnp.any(g["lora_b"] != 0))   # gradients reach the factors through merge
+      True
     """
     if isinstance(targets, str):
         targets = [targets]
@@ -208,6 +233,15 @@ def merge(params, *, alpha: float | None = None, rslora: bool = False):
 
     Raises:
       ValueError: a module has ``lora_a`` without ``lora_b`` (or vice versa) or shapes that do not fit.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nn.lora import merge
+      >>> p = {"q": {"kernel": jnp.zeros((2, 3)), "lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 3))}}
+      >>> merge(p)["q"]["kernel"].tolist(), sorted(merge(p)["q"])   # s = alpha / r = 1
+      ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], ['kernel'])
+      >>> merge(p, alpha=4.0)["q"]["kernel"][0, 0].item()           # s = 4 / 1
+      4.0
     """
     flat = _flat(params)
     out = {k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")}
@@ -237,7 +271,14 @@ def merge(params, *, alpha: float | None = None, rslora: bool = False):
 
 
 def trainable_mask(params):
-    """A pytree of bools like ``params``: ``True`` exactly on ``lora_a``/``lora_b`` leaves."""
+    """A pytree of bools like ``params``: ``True`` exactly on ``lora_a``/``lora_b`` leaves.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.nn.lora import trainable_mask
+      >>> trainable_mask({"q": {"kernel": jnp.zeros((4, 2)), "lora_a": jnp.zeros((4, 1)), "lora_b": jnp.zeros((1, 2))}})
+      {'q': {'kernel': False, 'lora_a': True, 'lora_b': True}}
+    """
 
     def f(path, _):
         last = path[-1]
@@ -250,11 +291,21 @@ def trainable_mask(params):
 def freeze_base(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
     """Train only the LoRA factors with ``tx``; every other leaf gets a zero update (no weight decay).
 
+    The result composes like any Optax transform, e.g.
+    ``optax.chain(freeze_base(optax.adamw(1e-3, weight_decay=0.01), params), jaxlab.grasp(U, sides))``.
+
     Returns:
       ``optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)``.
 
     Example:
-      >>> tx = optax.chain(freeze_base(optax.adamw(1e-3, weight_decay=0.01), params), jaxlab.grasp(U, sides))
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxlab.nn.lora import freeze_base
+      >>> params = {"q": {"kernel": jnp.ones((4, 2)), "lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones((1, 2))}}
+      >>> tx = freeze_base(optax.adamw(1e-3, weight_decay=0.01), params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> bool(jnp.all(updates["q"]["kernel"] == 0)), bool(jnp.all(updates["q"]["lora_b"] != 0))
+      (True, True)
     """
     labels = jax.tree.map(lambda t: "lora" if t else "frozen", trainable_mask(params))
     return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)

@@ -25,6 +25,16 @@ class VelocityMLP(nn.Module):
       time_dim: sinusoidal embedding width for each of ``t`` and ``h``.
       time_scale: scale applied to ``t`` and ``h`` inside the sinusoidal embedding.
       num_classes: if > 0, a label embedding is added (index ``num_classes`` is the null class).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nn import VelocityMLP
+      >>> model = VelocityMLP(hidden=16, depth=2, time_dim=8)
+      >>> z, t = jnp.ones((4, 2)), jnp.full((4,), 0.7)
+      >>> params = jax.jit(model.init)(jax.random.PRNGKey(0), z, t, t)
+      >>> v = jax.jit(model.apply)(params, z, t, t)   # r = t: the instantaneous velocity v(z, t)
+      >>> print(v.shape)
+      (4, 2)
     """
 
     hidden: int = 256

@@ -48,9 +48,21 @@ class NMDense(nn.Module):
       block_sizes: optional static :class:`~jaxlab.kernels.BlockSizes`.
 
     Example:
-      >>> dense_params = Model(dense=nn.Dense).init(key, x)["params"]    # ... then train
-      >>> sparse = jaxlab.nm.compress_params(dense_params, n=2, m=4)
+      >>> import functools, flax.linen as nn, jax, jax.numpy as jnp
+      >>> from jaxlab.nm import compress_params, decompress_params
+      >>> from jaxlab.nn import NMDense
+      >>> class Model(nn.Module):
+      ...     dense: object = nn.Dense
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return self.dense(4, name="out")(x)
+      >>> x = jax.random.normal(jax.random.PRNGKey(1), (2, 8))
+      >>> dense_params = Model().init(jax.random.PRNGKey(0), x)["params"]    # ... then train
+      >>> sparse = compress_params(dense_params, n=2, m=4)
       >>> y = Model(dense=functools.partial(NMDense, n=2, m=4)).apply({"params": sparse}, x)
+      >>> y_pruned = Model().apply({"params": decompress_params(sparse)}, x)   # nn.Dense, kernel w * mask
+      >>> print(y.shape, bool(jnp.allclose(y, y_pruned, atol=1e-5)))
+      (2, 4) True
 
     Reference: Lu et al., "STEP" (ICML 2023, arXiv 2302.01172), deployment of N:M-sparse weights.
     """

@@ -199,12 +199,25 @@ class Transformer(nn.Module):
       ``logits`` ``(B, T, vocab)`` in float32, or ``(logits, residuals)``.
 
     Example:
-      >>> cfg = TransformerConfig(vocab=256, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_len=128)
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.nn import Transformer, TransformerConfig
+      >>> cfg = TransformerConfig(vocab=16, d_model=8, n_layers=2, n_heads=2, d_ff=16, max_len=8)
       >>> model = Transformer(cfg)
-      >>> params = model.init(key, tokens)["params"]          # boxed with logical axis names
-      >>> logits = model.apply({"params": params}, tokens)
+      >>> tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+      >>> params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"]  # boxed: logical axis names
+      >>> params["block_0"]["attn"]["q"]["kernel"].names
+      ('embed', 'heads')
+      >>> u = jnp.zeros(cfg.d_model).at[0].set(1.0)   # a residual direction to steer along
       >>> steer = lambda i, site, h: h + 3.0 * u if (i, site) == (1, "mlp") else h
-      >>> logits = model.apply({"params": params}, tokens, resid_hook=steer)
+      >>> @jax.jit
+      ... def run(params, tokens):
+      ...     plain = model.apply({"params": params}, tokens, return_residuals=True)
+      ...     return plain, model.apply({"params": params}, tokens, resid_hook=steer, return_residuals=True)
+      >>> (logits, resid), (steered, resid_s) = run(params, tokens)
+      >>> print(logits.shape, resid.shape)            # (B, T, vocab), (n_layers + 1, B, T, d_model)
+      (2, 8, 16) (3, 2, 8, 8)
+      >>> bool(jnp.allclose(resid_s[2] - resid[2], 3.0 * u, atol=1e-5)), bool(jnp.allclose(steered, logits))
+      (True, False)
 
     Reference: Radford et al., "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019).
     """
@@ -265,6 +278,16 @@ def causal_lm_loss(logits: jax.Array, tokens: jax.Array, *, mask: jax.Array | No
 
     Returns:
       Scalar float32 loss.
+
+    Example:
+      >>> import math, jax.numpy as jnp
+      >>> from jaxlab.nn import causal_lm_loss
+      >>> tokens = jnp.array([[1, 2, 3, 0]])
+      >>> round(float(causal_lm_loss(jnp.zeros((1, 4, 16)), tokens)), 4), round(math.log(16), 4)  # uniform
+      (2.7726, 2.7726)
+      >>> logits = 20.0 * jnp.eye(16)[jnp.array([[2, 3, 0, 0]])]   # predicts each next token
+      >>> round(float(causal_lm_loss(logits, tokens)), 4)
+      0.0
     """
     if logits.shape[:2] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree on (B, T)")
