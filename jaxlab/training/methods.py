@@ -23,7 +23,7 @@ Example:
   >>> from jaxlab.training.methods import get_method, make_schedule
   >>> lr = make_schedule(1e-3, schedule="cosine", total_steps=100)
   >>> tx = get_method("sr_ste").make(lr, common={"b2": 0.99, "n": 2, "m": 4}, sr_ste_lambda=2e-4)
-  >>> state = tx.init({"w": jnp.ones((8, 4))})
+  >>> state = tx.init({"dense": {"kernel": jnp.ones((8, 4))}})
   >>> get_method("sr_ste").sparse, get_method("adamw").sparse
   (True, False)
 """
