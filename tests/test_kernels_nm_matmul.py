@@ -1,4 +1,8 @@
-"""Compressed N:M matmul: Pallas kernel (interpret mode on CPU) == reference == x @ (w * mask)."""
+"""Compressed N:M matmul: Pallas kernel == reference == x @ (w * mask).
+
+:class:`TestNMMatmulKernel` holds the kernel-vs-reference cases: interpret mode on any machine, the
+same cases compiled in its ``gpu``/``tpu`` subclasses. The module-level tests cover dispatch, errors,
+tiling plans, cross-platform lowering and the benchmark."""
 
 from __future__ import annotations
 
@@ -56,48 +60,178 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("nm", RATIOS, ids=[f"{n}of{m}" for n, m in RATIOS])
-def test_kernel_matches_reference_and_pruned_dense(nm, dtype):
-    n, m = nm
-    batch, k, cols, bk = SHAPES[nm]
-    x, c, exact = _problem(sum(nm) + k, batch, k, cols, n, m, dtype)
-    bs = BlockSizes(block_b=16, block_k=bk, block_n=128)
-    y = nm_matmul(x, c, implementation="pallas", block_sizes=bs, interpret=True)
-    ref = nm_matmul_reference(x, c)
-    assert y.shape == (batch, cols) and y.dtype == jnp.dtype(dtype)
-    assert ref.dtype == jnp.dtype(dtype)
-    assert np.all(np.isfinite(np.asarray(y, np.float32)))  # ragged tiles read NaN padding in interpret
-    _assert_close(y, ref, dtype)
-    _assert_close(y, exact, dtype)
-    _assert_close(ref, exact, dtype)
-    _assert_close(nm_matmul(x, c, implementation="xla"), exact, dtype)
+# ------------------------------------------------------------------- kernel vs reference, per backend
 
 
-@pytest.mark.parametrize("nm", [(2, 4), (4, 16), (3, 8)], ids=["2of4", "4of16", "3of8"])
-def test_gemv_fma_body_matches(nm):
-    """The FMA + column-reduction body (GPU GEMV) computes the same product as the dot body."""
-    n, m = nm
-    x, c, exact = _problem(7, 4, 192, 136, n, m, jnp.float32)
-    bs = BlockSizes(block_b=8, block_k=64, block_n=128)
-    y_fma = nm_matmul(x, c, implementation="pallas", block_sizes=bs, interpret=True, use_dot=False)
-    _assert_close(y_fma, exact, jnp.float32)
+def _gpu_kernel(x, c, k, block_sizes, interpret):
+    return nm_mod._pallas_nm_matmul(
+        x, c.values, c.indices, n=c.n, m=c.m, k=k, block_sizes=block_sizes, interpret=interpret,
+        backend="gpu", use_dot=None,
+    )
 
 
-def test_default_block_sizes_leading_dims_and_jit():
-    x, c, exact = _problem(3, 6, 256, 160, 2, 4, jnp.float32)
-    x3 = x.reshape(2, 3, 256)
-    f = jax.jit(lambda a, cc: nm_matmul(a, cc, implementation="pallas"))  # interpret: auto on CPU
-    y = f(x3, c)
-    assert y.shape == (2, 3, 160)
-    _assert_close(y.reshape(6, 160), exact, jnp.float32)
+class TestNMMatmulKernel:
+    """Kernel == XLA reference == exact pruned product, case by case.
+
+    JAX's ``tests/pallas`` pattern (``gpu_ops_test.py``): this class runs every case through the Pallas
+    interpreter (``INTERPRET = True``: any machine, CPU included); the subclasses below set
+    ``INTERPRET = False`` and run the same cases compiled on a GPU / TPU (marked ``gpu`` / ``tpu``: skipped
+    where that backend is absent, see ``tests/conftest.py``).
+    """
+
+    INTERPRET = True
+    BACKEND: str | None = None  # device subclasses: the backend the compiled kernel runs on
+
+    @pytest.fixture(autouse=True)
+    def _backend(self):
+        if not self.INTERPRET:
+            assert jax.default_backend() in (self.BACKEND, "cuda", "rocm"), (
+                f"{type(self).__name__} compiles for {self.BACKEND}, default backend is {jax.default_backend()}"
+            )
+
+    def tiles(self, block_sizes):
+        """The case's tiles in the interpreter (small, so it walks multi-tile, ragged grids quickly); the
+        backend's defaults when compiled (TPU blocks need (8, 128)-aligned shapes, GPU TMA 16-byte rows)."""
+        return block_sizes if self.INTERPRET else None
+
+    def auto_interpret(self):
+        """``interpret=None`` (auto: interpret on CPU, compiled on GPU/TPU) where auto picks this class's
+        mode, else this class's mode explicitly."""
+        auto = nm_mod._canonical_backend(None) not in ("gpu", "tpu")
+        return None if auto == self.INTERPRET else self.INTERPRET
+
+    def kernel(self, x, c, *, block_sizes=None, **kw):
+        return nm_matmul(
+            x, c, implementation="pallas", block_sizes=self.tiles(block_sizes), interpret=self.INTERPRET, **kw
+        )
+
+    def skip_unless_gpu_body(self):
+        if not self.INTERPRET and self.BACKEND != "gpu":
+            pytest.skip("the Mosaic GPU kernel body compiles for GPUs only")
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+    @pytest.mark.parametrize("nm", RATIOS, ids=[f"{n}of{m}" for n, m in RATIOS])
+    def test_kernel_matches_reference_and_pruned_dense(self, nm, dtype):
+        n, m = nm
+        batch, k, cols, bk = SHAPES[nm]
+        x, c, exact = _problem(sum(nm) + k, batch, k, cols, n, m, dtype)
+        bs = BlockSizes(block_b=16, block_k=bk, block_n=128)
+        y = self.kernel(x, c, block_sizes=bs)
+        ref = nm_matmul_reference(x, c)
+        assert y.shape == (batch, cols) and y.dtype == jnp.dtype(dtype)
+        assert ref.dtype == jnp.dtype(dtype)
+        assert np.all(np.isfinite(np.asarray(y, np.float32)))  # ragged tiles read NaN padding in interpret
+        _assert_close(y, ref, dtype)
+        _assert_close(y, exact, dtype)
+        _assert_close(ref, exact, dtype)
+        _assert_close(nm_matmul(x, c, implementation="xla"), exact, dtype)
+
+    @pytest.mark.parametrize("nm", [(2, 4), (4, 16), (3, 8)], ids=["2of4", "4of16", "3of8"])
+    def test_gemv_fma_body_matches(self, nm):
+        """The FMA + column-reduction body (GPU GEMV) computes the same product as the dot body."""
+        n, m = nm
+        x, c, exact = _problem(7, 4, 192, 136, n, m, jnp.float32)
+        bs = BlockSizes(block_b=8, block_k=64, block_n=128)
+        y_fma = self.kernel(x, c, block_sizes=bs, use_dot=False)
+        _assert_close(y_fma, exact, jnp.float32)
+
+    def test_default_block_sizes_leading_dims_and_jit(self):
+        x, c, exact = _problem(3, 6, 256, 160, 2, 4, jnp.float32)
+        x3 = x.reshape(2, 3, 256)
+        interpret = self.auto_interpret()  # None on CPU: the interpreter is the default there
+        f = jax.jit(lambda a, cc: nm_matmul(a, cc, implementation="pallas", interpret=interpret))
+        y = f(x3, c)
+        assert y.shape == (2, 3, 160)
+        _assert_close(y.reshape(6, 160), exact, jnp.float32)
+
+    def test_mixed_dtypes_promote(self):
+        x, c, exact = _problem(5, 2, 64, 128, 1, 4, jnp.bfloat16)
+        y = self.kernel(x.astype(jnp.float32), c)
+        assert y.dtype == jnp.float32
+        _assert_close(y, exact, jnp.float32)
+
+    def test_ad_falls_back_to_reference(self):
+        """jvp and grad through the kernel path equal those of the reference (bilinear tangent)."""
+        x, c, _ = _problem(11, 3, 64, 128, 2, 4, jnp.float32)
+
+        def f_kernel(a, vals):
+            return jnp.sum(jnp.sin(self.kernel(a, dataclasses.replace(c, values=vals))))
+
+        def f_ref(a, vals):
+            return jnp.sum(jnp.sin(nm_matmul_reference(a, dataclasses.replace(c, values=vals))))
+
+        gk = jax.grad(f_kernel, argnums=(0, 1))(x, c.values)
+        gr = jax.grad(f_ref, argnums=(0, 1))(x, c.values)
+        for a, b in zip(gk, gr):
+            _assert_close(a, b, jnp.float32)
+        tx = jnp.ones_like(x)
+        _, tk = jax.jvp(lambda a: self.kernel(a, c), (x,), (tx,))
+        _, tr = jax.jvp(lambda a: nm_matmul_reference(a, c), (x,), (tx,))
+        _assert_close(tk, tr, jnp.float32)
+
+    def test_reference_unpacking_matches_bit_layout(self):
+        """Golden 2:4 case: byte 0b_11_01_10_00 = indices (0, 2, 1, 3) -> groups {0,2} and {1,3}."""
+        vals = jnp.asarray([[1.0], [2.0], [3.0], [4.0]])
+        idx = jnp.asarray([[0b11011000]], jnp.uint8)
+        c = _NMC(vals, idx, 2, 4, 0, (8, 1), jnp.float32)
+        w = nm_mod._decompress_dense(c.values, c.indices, 2, 4, 8)
+        np.testing.assert_array_equal(np.asarray(w[:, 0]), [1, 0, 2, 0, 0, 3, 0, 4])
+        x = jnp.arange(1.0, 9.0)[None]
+        expect = 1 * 1 + 3 * 2 + 6 * 3 + 8 * 4
+        assert float(nm_matmul_reference(x, c)[0, 0]) == expect
+        y = self.kernel(x, c)
+        assert float(y[0, 0]) == expect
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+    @pytest.mark.parametrize("nm", RATIOS, ids=[f"{n}of{m}" for n, m in RATIOS])
+    def test_gpu_kernel_body_matches(self, nm, dtype):
+        """The Mosaic GPU kernel body (FMA GEMV, 3-D blocks, weight padded to whole K tiles, SMEM
+        accumulator across K tiles) == the exact product; batch 20 -> two batch tiles, the 2nd ragged."""
+        self.skip_unless_gpu_body()
+        n, m = nm
+        x, c, exact = _problem(13 + n + m, 20, 208, 136, n, m, dtype)  # K=208: ragged for block_k=128
+        bs = BlockSizes(16, 128, 128)  # valid GPU tiles: the same on the device
+        plan = nm_mod._gpu.make_gpu_plan(
+            20, n, m, 208, 136, bs, jnp.dtype(dtype).itemsize, shrink=False, make_plan=nm_mod._make_plan
+        )
+        assert plan.layout3d and not plan.ragged and plan.bb == 16 and plan.b_pad == 32
+        y = _gpu_kernel(x, c, 208, bs, self.INTERPRET)
+        assert y.shape == (20, 136) and y.dtype == jnp.dtype(dtype)
+        _assert_close(y, exact, dtype)
+
+    def test_gpu_kernel_single_k_tile_and_small_batch(self):
+        self.skip_unless_gpu_body()
+        x, c, exact = _problem(2, 3, 64, 256, 2, 4, jnp.float32)  # one K tile, batch tile of 8
+        _assert_close(_gpu_kernel(x, c, 64, None, self.INTERPRET), exact, jnp.float32)
+
+    def test_compiled_kernel_at_model_sizes(self):
+        """K=1024, N_out=512, bf16, every ratio, GEMV (batch 1) and GEMM (batch 64) grids."""
+        if self.INTERPRET:
+            pytest.skip("model-size shapes take minutes in the interpreter; the cases above cover the same code")
+        for n, m in RATIOS:
+            for batch in (1, 64):
+                x, c, exact = _problem(n + m, batch, 1024, 512, n, m, jnp.bfloat16)
+                y = self.kernel(x, c)
+                _assert_close(y, exact, jnp.bfloat16)
 
 
-def test_mixed_dtypes_promote():
-    x, c, exact = _problem(5, 2, 64, 128, 1, 4, jnp.bfloat16)
-    y = nm_matmul(x.astype(jnp.float32), c, implementation="pallas", interpret=True)
-    assert y.dtype == jnp.float32
-    _assert_close(y, exact, jnp.float32)
+@pytest.mark.gpu
+class TestNMMatmulKernelGPU(TestNMMatmulKernel):
+    """The same cases compiled by Mosaic GPU on a CUDA device."""
+
+    INTERPRET = False
+    BACKEND = "gpu"
+
+
+@pytest.mark.tpu
+class TestNMMatmulKernelTPU(TestNMMatmulKernel):
+    """The same cases compiled by Mosaic TPU on a TPU."""
+
+    INTERPRET = False
+    BACKEND = "tpu"
+
+
+# ------------------------------------------------------------------------------------ dispatch
 
 
 def test_auto_dispatch_is_xla_on_cpu_and_kernel_only_when_memory_bound():
@@ -114,41 +248,6 @@ def test_auto_dispatch_is_xla_on_cpu_and_kernel_only_when_memory_bound():
     assert auto(1, 3, 4, 4096, 4096, "tpu") == "xla"  # 3:4 saves too little bandwidth
     assert auto(1, 2, 4, 64, 128, "tpu") == "xla"  # tiny weight: launch-bound
     assert auto(1, 2, 4, 4096, 4096, "gpu") == "xla"  # GPU kernel lowers but never ran on a GPU
-
-
-def test_ad_falls_back_to_reference():
-    """jvp and grad through the kernel path equal those of the reference (bilinear tangent)."""
-    x, c, _ = _problem(11, 3, 64, 128, 2, 4, jnp.float32)
-
-    def f_kernel(a, vals):
-        cc = dataclasses.replace(c, values=vals)
-        return jnp.sum(jnp.sin(nm_matmul(a, cc, implementation="pallas", interpret=True)))
-
-    def f_ref(a, vals):
-        return jnp.sum(jnp.sin(nm_matmul_reference(a, dataclasses.replace(c, values=vals))))
-
-    gk = jax.grad(f_kernel, argnums=(0, 1))(x, c.values)
-    gr = jax.grad(f_ref, argnums=(0, 1))(x, c.values)
-    for a, b in zip(gk, gr):
-        _assert_close(a, b, jnp.float32)
-    tx = jnp.ones_like(x)
-    _, tk = jax.jvp(lambda a: nm_matmul(a, c, implementation="pallas", interpret=True), (x,), (tx,))
-    _, tr = jax.jvp(lambda a: nm_matmul_reference(a, c), (x,), (tx,))
-    _assert_close(tk, tr, jnp.float32)
-
-
-def test_reference_unpacking_matches_bit_layout():
-    """Golden 2:4 case: byte 0b_11_01_10_00 = indices (0, 2, 1, 3) -> groups {0,2} and {1,3}."""
-    vals = jnp.asarray([[1.0], [2.0], [3.0], [4.0]])
-    idx = jnp.asarray([[0b11011000]], jnp.uint8)
-    c = _NMC(vals, idx, 2, 4, 0, (8, 1), jnp.float32)
-    w = nm_mod._decompress_dense(c.values, c.indices, 2, 4, 8)
-    np.testing.assert_array_equal(np.asarray(w[:, 0]), [1, 0, 2, 0, 0, 3, 0, 4])
-    x = jnp.arange(1.0, 9.0)[None]
-    expect = 1 * 1 + 3 * 2 + 6 * 3 + 8 * 4
-    assert float(nm_matmul_reference(x, c)[0, 0]) == expect
-    y = nm_matmul(x, c, implementation="pallas", interpret=True)
-    assert float(y[0, 0]) == expect
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -198,28 +297,6 @@ def test_block_sizes_frozen_validated_and_per_backend():
             assert all(d.block_k % (m * 8 // BITS[m]) == 0 for m in BITS)
 
 
-# --------------------------------------------------------------------------- real backends
-
-
-def _device_check(backend):
-    for n, m in RATIOS:
-        for batch in (1, 64):
-            x, c, exact = _problem(n + m, batch, 1024, 512, n, m, jnp.bfloat16)
-            y = nm_matmul(x, c, implementation="pallas", interpret=False)
-            _assert_close(y, exact, jnp.bfloat16)
-            assert jax.default_backend() in (backend, "cuda", "rocm")
-
-
-@pytest.mark.gpu
-def test_kernel_compiles_and_matches_on_gpu():
-    _device_check("gpu")
-
-
-@pytest.mark.tpu
-def test_kernel_compiles_and_matches_on_tpu():
-    _device_check("tpu")
-
-
 def test_benchmark_quick_mode_runs_and_writes_json(tmp_path):
     """benchmarks/nm_matmul.py --quick works end to end on CPU (kernel verified before timing)."""
     import importlib.util
@@ -241,35 +318,6 @@ def test_benchmark_quick_mode_runs_and_writes_json(tmp_path):
     assert abs(row["bw_ceiling"] - (256 * 256 * 2 + 1024) / (128 * 256 * 2 + 32 * 256 + 1024)) < 1e-9
     for name in ("dense", "masked", "xla_nm", "kernel", "auto"):
         assert row[f"{name}_us"] > 0
-
-
-def _gpu_kernel(x, c, k, block_sizes, interpret=True):
-    return nm_mod._pallas_nm_matmul(
-        x, c.values, c.indices, n=c.n, m=c.m, k=k, block_sizes=block_sizes, interpret=interpret,
-        backend="gpu", use_dot=None,
-    )
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("nm", RATIOS, ids=[f"{n}of{m}" for n, m in RATIOS])
-def test_gpu_kernel_matches_in_interpret_mode(nm, dtype):
-    """The Mosaic GPU kernel body (FMA GEMV, 3-D blocks, weight padded to whole K tiles, SMEM
-    accumulator across K tiles) == the exact product; batch 20 -> two batch tiles, the 2nd ragged."""
-    n, m = nm
-    x, c, exact = _problem(13 + n + m, 20, 208, 136, n, m, dtype)  # K=208: ragged for block_k=128
-    bs = BlockSizes(16, 128, 128)
-    plan = nm_mod._gpu.make_gpu_plan(
-        20, n, m, 208, 136, bs, jnp.dtype(dtype).itemsize, shrink=False, make_plan=nm_mod._make_plan
-    )
-    assert plan.layout3d and not plan.ragged and plan.bb == 16 and plan.b_pad == 32
-    y = _gpu_kernel(x, c, 208, bs)
-    assert y.shape == (20, 136) and y.dtype == jnp.dtype(dtype)
-    _assert_close(y, exact, dtype)
-
-
-def test_gpu_kernel_single_k_tile_and_small_batch():
-    x, c, exact = _problem(2, 3, 64, 256, 2, 4, jnp.float32)  # one K tile, batch tile of 8
-    _assert_close(_gpu_kernel(x, c, 64, None), exact, jnp.float32)
 
 
 def test_gpu_tiling_limits_raise_or_shrink():

@@ -9,6 +9,7 @@ import pytest
 from jaxlab import nm
 from jaxlab.transforms import (
     StepState,
+    find_states,
     nm_static_args,
     prune,
     sparse_forward_params,
@@ -17,7 +18,7 @@ from jaxlab.transforms import (
     step_statistics,
     step_switch_step,
 )
-from jaxlab.transforms._tree import find_states
+from jaxlab.transforms.step import autoswitch, frozen_v_direction, z_statistic
 
 B1, B2, EPS = 0.9, 0.99, 1e-8
 
@@ -261,6 +262,40 @@ def test_composes_with_chain_inject_hyperparams_and_multisteps():
         u_ref, ref_state = base.update(mean_g(ref_params, k), ref_state, ref_params)
         close(h4[2 * k + 1]["u"], u_ref, rtol=1e-5)
         ref_params = optax.apply_updates(ref_params, u_ref)
+
+
+@pytest.mark.parametrize("b2", [B2, 0.0])
+def test_named_pieces_z_statistic_frozen_direction_autoswitch(b2):
+    k = jax.random.split(jax.random.PRNGKey(8), 4)
+    gs = [jax.random.normal(k[0], (8, 4)), jax.random.normal(k[1], (3, 4))]
+    olds = [jax.random.uniform(k[2], (8, 4)), jax.random.uniform(k[3], (3, 4))]
+    news = [b2 * v + (1 - b2) * g * g for g, v in zip(gs, olds)]
+    # Z_t = mean over all elements of |v_t - v_{t-1}| (from the new moments; the old ones when b2 = 0)
+    z = z_statistic(gs, olds if b2 == 0.0 else news, b2)
+    want = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(news, olds)]).mean()
+    np.testing.assert_allclose(float(z), want, rtol=1e-5)
+    # live direction = optax's Adam direction; frozen = m_hat / (sqrt(v_T0) + eps_frozen), v_T0 not corrected
+    kw = dict(b1=B1, b2=b2, eps=EPS, eps_frozen=1e-4, bias_correct_frozen_v=False)
+    t, mus = jnp.asarray(5, jnp.int32), [0.1 * g for g in gs]
+    live = frozen_v_direction(mus, news, t, False, jnp.asarray(-1), **kw)
+    mu_old = [(m - (1 - B1) * g) / B1 for m, g in zip(mus, gs)]  # so that optax's m_t is mus
+    ref, _ = optax.scale_by_adam(b1=B1, b2=b2, eps=EPS).update(gs, optax.ScaleByAdamState(t - 1, mu_old, olds))
+    close(live, ref, rtol=1e-5)
+    frozen = frozen_v_direction(mus, olds, t, jnp.asarray(True), jnp.asarray(3), **kw)
+    close(frozen, [(m / (1 - B1**5)) / (jnp.sqrt(v) + 1e-4) for m, v in zip(mus, olds)], rtol=1e-6)
+    # AutoSwitch: a no-op in phase 2; in phase 1 it records Z_t and switches by the rule
+    p1 = inner(step_adamw(1e-3, switch_eps=1.0, t_min=2, t_max=9, window=2).init(make_params()))
+    p2 = p1._replace(phase=jnp.asarray(1, jnp.int32), switch_step=jnp.asarray(4, jnp.int32))
+    for a, b in zip(jax.tree.leaves(autoswitch(p2, jnp.float32(0.5), jnp.asarray(7), window=2, geometric=False,
+                                               switch_eps=1.0, t_min=2, t_max=9)), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rule = dict(window=2, geometric=False, switch_eps=1.0, t_min=2, t_max=9)
+    s = autoswitch(p1, jnp.float32(0.5), jnp.asarray(2), **rule)  # Zbar < eps but t <= t_min: no switch
+    assert int(s.phase) == 0 and float(s.zbar) == 0.5 and int(s.z_fill) == 1 and int(s.z_pos) == 1
+    s = autoswitch(s, jnp.float32(0.25), jnp.asarray(3), **rule)
+    assert int(s.phase) == 1 and int(s.switch_step) == 3 and float(s.zbar) == 0.375 and int(s.z_pos) == 0
+    s = autoswitch(p1, jnp.float32(5.0), jnp.asarray(10), **rule)  # above the threshold, but t > t_max
+    assert int(s.phase) == 1 and int(s.switch_step) == 10
 
 
 def test_bad_arguments():

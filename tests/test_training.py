@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 import jaxlab
-from jaxlab.training import Checkpointer, NonFiniteError, RunConfig, Task, load_config, read_metrics, train
-from jaxlab.training import register_task
+from jaxlab.training import (
+    Checkpointer,
+    NonFiniteError,
+    RunConfig,
+    Task,
+    load_config,
+    read_metrics,
+    register_task,
+    train,
+)
 
 BASE = {
     "name": "t",

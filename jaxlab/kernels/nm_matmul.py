@@ -84,6 +84,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxlab.kernels import _nm_matmul_gpu as _gpu
+from jaxlab.nm.compress import index_bits
 
 __all__ = [
     "AUTO_MAX_BATCH",
@@ -94,9 +95,9 @@ __all__ = [
     "nm_matmul_reference",
 ]
 
-#: Group sizes with a defined index packing (bits per index: 2 -> 1, 4 -> 2, 8 -> 4, 16 -> 4).
-SUPPORTED_M: tuple[int, ...] = (2, 4, 8, 16)
-_BITS = {2: 1, 4: 2, 8: 4, 16: 4}
+#: Group sizes with a defined index packing (bits per index from :func:`jaxlab.nm.index_bits`, the one
+#: table: 2 -> 1, 4 -> 2, 8 -> 4, 16 -> 4).
+SUPPORTED_M: tuple[int, ...] = (2, 4, 8, 16)  # the keys of that table
 
 #: Largest flattened batch for which ``implementation=None`` picks the kernel on GPU/TPU. Above it
 #: the matmul stops being bound by weight bandwidth and XLA's dense matmul is used. Calibrate with
@@ -106,28 +107,6 @@ AUTO_MAX_BATCH: int = 16
 _AUTO_MIN_WEIGHT = 1 << 20
 _GEMV_MAX_BATCH = 16
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-
-def index_bits(m: int) -> int:
-    """Bits per packed within-group index for group size ``m`` (1, 2 or 4).
-
-    Args:
-      m: the N:M group size M.
-
-    Returns:
-      ``1`` for ``m == 2``, ``2`` for ``m == 4``, ``4`` for ``m in (8, 16)``.
-
-    Raises:
-      ValueError: for any other ``m``.
-
-    Example:
-      >>> from jaxlab.kernels import index_bits
-      >>> index_bits(2), index_bits(4), index_bits(16)
-      (1, 2, 4)
-    """
-    if m not in _BITS:
-        raise ValueError(f"unsupported N:M group size M={m}; expected one of {SUPPORTED_M}")
-    return _BITS[m]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +191,7 @@ def _check_compressed(c: Any, name: str = "c") -> tuple[int, int, int, int]:
                 f"{type(c).__name__} without attribute {attr!r}"
             )
     n, m, shape = int(c.n), int(c.m), tuple(c.shape)
-    if m not in _BITS:
+    if m not in SUPPORTED_M:
         raise ValueError(f"{name}: unsupported N:M group size M={m} (n={n}); expected M in {SUPPORTED_M}")
     if not 1 <= n <= m:
         raise ValueError(f"{name}: N={n} must satisfy 1 <= N <= M={m}")
@@ -236,12 +215,12 @@ def _check_compressed(c: Any, name: str = "c") -> tuple[int, int, int, int]:
             f"{name}.values has shape {vshape}; expected (K*N/M, N_out) = ({n_entries}, {n_out}) "
             f"for {n}:{m} and logical shape {shape}"
         )
-    q = 8 // _BITS[m]
+    q = 8 // index_bits(m)
     ishape = tuple(c.indices.shape)
     if ishape != (-(-n_entries // q), n_out):
         raise ValueError(
             f"{name}.indices has shape {ishape}; expected (ceil(K*N/M / {q}), N_out) = "
-            f"({-(-n_entries // q)}, {n_out}) for {_BITS[m]}-bit indices"
+            f"({-(-n_entries // q)}, {n_out}) for {index_bits(m)}-bit indices"
         )
     if jnp.dtype(c.indices.dtype) != jnp.uint8:
         raise TypeError(f"{name}.indices must be uint8 (packed), got {c.indices.dtype}")
@@ -269,7 +248,7 @@ def _check_x(x: Any, k: int, c_shape: tuple[int, ...]) -> None:
 
 def _unpack_entries(indices: jax.Array, m: int, n_entries: int) -> jax.Array:
     """Packed uint8 ``(ceil(E/q), C)`` -> int32 within-group positions ``(E, C)`` in entry order."""
-    bits = _BITS[m]
+    bits = index_bits(m)
     q = 8 // bits
     shifts = (jnp.arange(q, dtype=jnp.uint8) * bits)[None, :, None]
     planes = (indices[:, None, :] >> shifts) & jnp.uint8((1 << bits) - 1)  # (rows, q, C)
@@ -369,7 +348,7 @@ def _round_up(a: int, b: int) -> int:
 def _make_plan(
     batch: int, n: int, m: int, k: int, n_out: int, bs: BlockSizes, gemv: bool, layout3d: bool = False
 ) -> _Plan:
-    bits = _BITS[m]
+    bits = index_bits(m)
     q = 8 // bits
     unit = m * q  # smallest K tile that starts every tile on a whole byte of packed indices
     if bs.block_k % unit:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.nm.masks import check_nm, nm_leaf_axes, nm_mask
+from jaxlab.paths import key_path
 
 __all__ = [
     "NMCompressed",
@@ -52,7 +53,7 @@ def index_bits(m: int) -> int:
       [1, 2, 4, 4]
     """
     if m not in _BITS:
-        raise ValueError(f"compressed N:M supports M in {sorted(_BITS)} (packed indices); got M={m}")
+        raise ValueError(f"unsupported N:M group size M={m} for packed indices; expected one of {tuple(_BITS)}")
     return _BITS[m]
 
 
@@ -269,7 +270,7 @@ def compress_params(params, n: int = 2, m: int = 4, *, sparsify=None, nm_axis=No
     """
     index_bits(m)
     axes = nm_leaf_axes(params, m, sparsify=sparsify, nm_axis=nm_axis, n=n)
-    return _map_axes(params, axes, lambda p, x, a: compress(x, n, m, a, name=jax.tree_util.keystr(p)))
+    return _map_axes(params, axes, lambda p, x, a: compress(x, n, m, a, name=key_path(p)))
 
 
 def _map_axes(params, axes, fn):

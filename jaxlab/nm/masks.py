@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab.paths import key_path, leaf_name, path_keys  # noqa: F401  (path_keys, leaf_name re-exported)
+
 __all__ = [
     "check_nm",
     "default_sparsify",
@@ -42,39 +44,6 @@ __all__ = [
 ]
 
 LeafFn = Callable[[Any, Any], Any]
-
-
-def path_keys(path) -> tuple[str, ...]:
-    """The keys of a pytree path (from ``tree_flatten_with_path``) as strings.
-
-    Dict keys, sequence indices and attribute names alike; a trailing ``.value`` attribute (the
-    ``nnx.Variable`` wrapper of an ``nnx.split`` state) is dropped, so ``state['l1']['kernel'].value``
-    and ``params['l1']['kernel']`` have the same keys ``("l1", "kernel")``.
-    """
-    keys = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                keys.append(str(getattr(k, attr)))
-                break
-        else:
-            keys.append(str(k))
-    if len(keys) > 1 and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
-        keys.pop()
-    return tuple(keys)
-
-
-def leaf_name(path) -> str:
-    """The last key of a pytree path as a string (``"kernel"`` for ``params['dense']['kernel']``).
-
-    Example:
-      >>> import jax
-      >>> from jaxlab.nm import leaf_name
-      >>> [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"dense": {"kernel": 0, "bias": 1}})[0]]
-      ['bias', 'kernel']
-    """
-    keys = path_keys(path)
-    return keys[-1] if keys else ""
 
 
 def _where(name: str | None) -> str:
@@ -253,7 +222,7 @@ def reduction_axis(path, leaf) -> int:
     ndim = np.ndim(leaf)
     if ndim < 2:
         raise ValueError(
-            f"{jax.tree_util.keystr(tuple(path))}: shape {tuple(np.shape(leaf))} has no reduction axis "
+            f"{key_path(path)}: shape {tuple(np.shape(leaf))} has no reduction axis "
             "(N:M needs a matrix or conv kernel with ndim >= 2)"
         )
     return 0 if ndim == 2 else ndim - 2
@@ -343,7 +312,7 @@ def nm_leaf_axes(params, m: int, *, sparsify=None, nm_axis=None, n: int | None =
         if not c:
             axes.append(None)
             continue
-        name = jax.tree_util.keystr(p)
+        name = key_path(p)
         if not is_nm(x):
             raise ValueError(
                 f"{name}: N:M was requested for a leaf of dtype {getattr(x, 'dtype', type(x).__name__)} "

@@ -31,6 +31,8 @@ import optax
 from flax import traverse_util
 from flax.core import unfreeze
 
+from jaxlab.paths import slash_path
+
 __all__ = [
     "LoRADense",
     "freeze_base",
@@ -129,13 +131,9 @@ def _flat(params):
     return traverse_util.flatten_dict(unfreeze(params), keep_empty_nodes=True)
 
 
-def _module_str(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def lora_modules(params) -> list[str]:
     """Module paths (``"a/b/c"``) that carry ``lora_a``/``lora_b``."""
-    return sorted({_module_str(k[:-1]) for k in _flat(params) if k[-1] == "lora_a"})
+    return sorted({slash_path(k[:-1]) for k in _flat(params) if k[-1] == "lora_a"})
 
 
 def inject(
@@ -190,11 +188,11 @@ def inject(
     for k, v in flat.items():
         if k[-1] in _BASE_LEAVES:
             mods[k[:-1]] = (k[-1], v)
-    chosen = [m for m in sorted(mods, key=_module_str) if any(p.search(_module_str(m)) for p in pats)]
+    chosen = [m for m in sorted(mods, key=slash_path) if any(p.search(slash_path(m)) for p in pats)]
     if not chosen:
         raise ValueError(
             f"lora.inject: no module matched targets {list(targets)}; modules with a kernel: "
-            f"{[_module_str(m) for m in sorted(mods, key=_module_str)]}"
+            f"{[slash_path(m) for m in sorted(mods, key=slash_path)]}"
         )
     out = dict(flat)
     keys = jax.random.split(key, len(chosen))
@@ -202,17 +200,17 @@ def inject(
         leaf, w = mods[m]
         if w.ndim < 2:
             raise ValueError(
-                f"lora.inject: leaf {_module_str(m + (leaf,))} has shape {tuple(w.shape)}; expected at least 2 "
+                f"lora.inject: leaf {slash_path(m + (leaf,))} has shape {tuple(w.shape)}; expected at least 2 "
                 f"axes (..., d_in, d_out)"
             )
         d_in, d_out = w.shape[-2], w.shape[-1]
         if not 1 <= rank <= min(d_in, d_out):
             raise ValueError(
-                f"lora.inject: rank={rank} for {_module_str(m + (leaf,))} of shape {tuple(w.shape)}; expected "
+                f"lora.inject: rank={rank} for {slash_path(m + (leaf,))} of shape {tuple(w.shape)}; expected "
                 f"1 <= rank <= min(d_in, d_out) = {min(d_in, d_out)}"
             )
         if m + ("lora_a",) in flat:
-            raise ValueError(f"lora.inject: module {_module_str(m)} already has LoRA factors")
+            raise ValueError(f"lora.inject: module {slash_path(m)} already has LoRA factors")
         dt = dtype or w.dtype
         out[m + ("lora_a",)] = _lora_a_init(kk, w.shape[:-2] + (d_in, rank), dt)
         out[m + ("lora_b",)] = jnp.zeros(w.shape[:-2] + (rank, d_out), dt)
@@ -250,15 +248,15 @@ def merge(params, *, alpha: float | None = None, rslora: bool = False):
             continue
         m = k[:-1]
         if m + ("lora_b",) not in flat:
-            raise ValueError(f"lora.merge: module {_module_str(m)} has lora_a but no lora_b")
+            raise ValueError(f"lora.merge: module {slash_path(m)} has lora_a but no lora_b")
         a, b = flat[k], flat[m + ("lora_b",)]
         base = next((m + (n,) for n in _BASE_LEAVES if m + (n,) in flat), None)
         if base is None:
-            raise ValueError(f"lora.merge: module {_module_str(m)} has LoRA factors but no kernel/embedding")
+            raise ValueError(f"lora.merge: module {slash_path(m)} has LoRA factors but no kernel/embedding")
         w = flat[base]
         if a.shape[-1] != b.shape[-2] or w.shape != a.shape[:-1] + b.shape[-1:]:
             raise ValueError(
-                f"lora.merge: {_module_str(base)} {tuple(w.shape)}, lora_a {tuple(a.shape)}, lora_b "
+                f"lora.merge: {slash_path(base)} {tuple(w.shape)}, lora_a {tuple(a.shape)}, lora_b "
                 f"{tuple(b.shape)} do not fit; expected kernel (..., d_in, d_out) = lora_a (..., d_in, r) @ "
                 f"lora_b (..., r, d_out)"
             )
@@ -266,7 +264,7 @@ def merge(params, *, alpha: float | None = None, rslora: bool = False):
         out[base] = w + (s * jnp.matmul(a, b)).astype(w.dtype)
     for k in flat:
         if k[-1] == "lora_b" and k[:-1] + ("lora_a",) not in flat:
-            raise ValueError(f"lora.merge: module {_module_str(k[:-1])} has lora_b but no lora_a")
+            raise ValueError(f"lora.merge: module {slash_path(k[:-1])} has lora_b but no lora_a")
     return traverse_util.unflatten_dict(out)
 
 

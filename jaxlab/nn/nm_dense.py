@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab.kernels.nm_matmul import BlockSizes, index_bits, nm_matmul
+from jaxlab.nm.compress import compress
+from jaxlab.paths import slash_path
 
 __all__ = ["NMDense"]
 
 
 def _compress(w: jax.Array, n: int, m: int):
-    from jaxlab import nm  # nm sits below nn; imported here so importing nn never needs it first
-
-    return nm.compress(w, n, m, axis=0)
+    return compress(w, n, m, axis=0)
 
 
 class NMDense(nn.Module):
@@ -79,7 +79,7 @@ class NMDense(nn.Module):
     block_sizes: BlockSizes | None = None
 
     def _where(self) -> str:
-        return "/".join(str(p) for p in self.path) or type(self).__name__
+        return slash_path(self.path) or type(self).__name__
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

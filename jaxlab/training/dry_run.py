@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxlab.distributed.mesh import mesh_from_config
 from jaxlab.distributed.sharding import batch_sharding, unbox
+from jaxlab.paths import key_path
 from jaxlab.training.config import to_dict
 from jaxlab.training.registry import build_task, build_task_optimizer
 from jaxlab.training.state import TrainState
@@ -144,7 +145,7 @@ def dry_run_report(cfg) -> dict:
     for op in _COLLECTIVES:
         collectives[op] = len(re.findall(rf"\b{op}(?:-start)?\(", hlo))
     param_rows = [
-        (jax.tree_util.keystr(p), tuple(a.shape), _spec_str(s))
+        (key_path(p), tuple(a.shape), _spec_str(s))
         for (p, a), s in zip(
             jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(shardings.params)
         )

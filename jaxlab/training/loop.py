@@ -22,9 +22,9 @@ from jaxlab.distributed.sharding import batch_sharding, unbox
 from jaxlab.training.checkpoint import Checkpointer
 from jaxlab.training.config import RunConfig, dump_config
 from jaxlab.training.metrics import MetricsWriter
-from jaxlab.training.state import TrainState
 from jaxlab.training.registry import build_task, build_task_optimizer, validate_config
 from jaxlab.training.report import write_report
+from jaxlab.training.state import TrainState
 from jaxlab.training.train_step import leaf_paths, make_train_step, raise_if_nonfinite, state_shardings
 
 __all__ = ["fit", "train", "global_batch", "init_state"]

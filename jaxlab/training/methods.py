@@ -186,7 +186,9 @@ def build_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
 
 def sgd(learning_rate, *, b1: float = 0.0, nesterov: bool = False) -> optax.GradientTransformation:
     """SGD with heavy-ball momentum ``b1`` (``optax.sgd``; ``b1`` so configs share Adam's field name)."""
-    return optax.sgd(learning_rate, momentum=b1 or None, nesterov=nesterov)
+    # b1 may be traced (optax.inject_hyperparams injects it), so no Python truth test on it
+    momentum = None if isinstance(b1, int | float) and b1 == 0 else b1
+    return optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
 
 
 def grasp_adamw(

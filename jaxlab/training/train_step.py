@@ -36,6 +36,7 @@ from jaxlab.distributed.sharding import (
     param_shardings,
     replicated,
 )
+from jaxlab.paths import key_path
 from jaxlab.training.state import TrainState
 
 __all__ = [
@@ -55,7 +56,7 @@ class NonFiniteError(FloatingPointError):
 
 def leaf_paths(tree) -> list[str]:
     """``keystr`` of every leaf, in flatten order."""
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _first_nonfinite(loss, grads) -> jax.Array:

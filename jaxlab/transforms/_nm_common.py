@@ -1,5 +1,11 @@
-"""Shared machinery of the N:M optimizers (STEP, STE, SR-STE, ASP): static config, Adam moments,
-and the two functions model code needs: :func:`sparse_forward_params` and :func:`prune`.
+"""Shared machinery of the N:M optimizers (STEP, SR-STE and its STE corner, ASP): the static N:M
+configuration, argument checks, the SR-STE term, the AdamW tail, and the two functions model code
+needs: :func:`sparse_forward_params` and :func:`prune` (dispatched on the registered state types).
+
+Adam itself is optax's: SR-STE/STE run ``optax.scale_by_adam`` and ASP wraps any optax optimizer, so
+their moments are laid out and computed as in ``optax.adamw``; STEP updates its moments with
+``optax.tree.update_moment``/``update_moment_per_elem_norm`` and writes out only its (partly frozen)
+bias-corrected direction (:func:`jaxlab.transforms.step.frozen_v_direction`).
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxlab.nm.masks import check_nm, nm_leaf_axes, nm_mask, straight_through
-from jaxlab.transforms._tree import find_states, map_leaves, path_str
+from jaxlab.paths import key_path
+from jaxlab.transforms.tree import find_states, map_leaves
 
 __all__ = ["NM_STATIC_ARGS", "NMConfig", "nm_static_args", "prune", "register_nm_state", "sparse_forward_params"]
 
@@ -26,6 +34,9 @@ def nm_static_args(factory: Callable) -> tuple[str, ...]:
     """The arguments of ``factory`` to list in ``optax.inject_hyperparams(..., static_args=...)``.
 
     Example:
+      >>> from jaxlab.transforms import nm_static_args, step_adamw
+      >>> nm_static_args(step_adamw)
+      ('n', 'm', 'window', 'b2')
       >>> tx = optax.inject_hyperparams(step_adamw, static_args=nm_static_args(step_adamw))(
       ...     learning_rate=1e-3, switch_eps=1e-9, t_min=100, t_max=2000)
     """
@@ -99,7 +110,7 @@ class NMConfig:
         n_leaves = len(jax.tree_util.tree_leaves(params))
         n_sparse = sum(a is not None for a in jax.tree_util.tree_structure(params).flatten_up_to(axes)) if n_leaves else 0
         if require_any and n_leaves and not n_sparse:
-            shapes = {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+            shapes = {key_path(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
             raise ValueError(
                 f"no parameter was selected for {self.n}:{self.m} sparsity (leaves and shapes: {shapes}); "
                 f"the default keeps floating 'kernel' leaves whose reduction axis divides by {self.m}; "
@@ -108,34 +119,66 @@ class NMConfig:
         return axes
 
 
-def safe_increment(count: jax.Array) -> jax.Array:
-    """``count + 1`` saturating at the int32 maximum (as optax does)."""
-    big = jnp.iinfo(jnp.int32).max
-    return jnp.where(count < big, count + 1, big).astype(jnp.int32)
+def check_update(updates, params, cfg: NMConfig, who: str):
+    """Validate an N:M ``update(grads, state, params)`` call; the per-leaf grouping axes of ``params``.
 
-
-def adam_moments(g, mu, nu, b1, b2):
-    """``mu' = b1 mu + (1-b1) g``, ``nu' = b2 nu + (1-b2) g^2`` (optax's update order)."""
-    return (1 - b1) * g + b1 * mu, (1 - b2) * (g * g) + b2 * nu
-
-
-def adam_direction(mu, nu, t, b1, b2, eps):
-    """``mhat / (sqrt(vhat) + eps)`` with bias correction at step ``t`` (1-based int32)."""
-    c1 = (1 - b1**t).astype(mu.dtype)
-    c2 = (1 - b2**t).astype(nu.dtype)
-    return (mu / c1) / (jnp.sqrt(nu / c2) + eps)
-
-
-def check_params(params, who: str):
+    Raises ``ValueError`` when ``params`` is missing, when the gradient tree does not match the params
+    tree, or when no leaf is selected for N:M sparsity (naming the leaves and their shapes).
+    """
     if params is None:
         raise ValueError(f"{who}.update needs params (the N:M mask is computed from the weights): "
                          "call tx.update(grads, state, params)")
-
-
-def check_grads(updates, params, who: str):
     gs, ps = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(params)
     if gs != ps:
         raise ValueError(f"{who}: gradient tree {gs} does not match the params tree {ps}")
+    return cfg.axes(params, require_any=True)
+
+
+def uses_sr_ste(sr_ste_lambda) -> bool:
+    """Whether the SR-STE term is computed: a traced coefficient (``inject_hyperparams``) keeps it, a
+    static ``0`` skips the mask entirely (then the gradient passes through bit for bit)."""
+    return isinstance(sr_ste_lambda, jax.core.Tracer) or bool(sr_ste_lambda != 0)
+
+
+def sr_ste_refine(g, w, pruned, sr_ste_lambda):
+    """The SR-STE refined gradient of one leaf: the decay term on the pruned weights added to ``g``.
+
+    .. math:: g \\leftarrow g + \\lambda_w\\,(1 - \\operatorname{mask}(w))\\odot w
+
+    Args:
+      g: gradient (w.r.t. the straight-through forward weights).
+      w: the dense weights.
+      pruned: bool array like ``w``, ``True`` where ``mask(w) = 0``.
+      sr_ste_lambda: the coefficient ``lambda_w``.
+
+    Returns:
+      The refined gradient, in ``g``'s dtype.
+
+    Example:
+      >>> from jaxlab.transforms._nm_common import sr_ste_refine
+      >>> w = jnp.array([3.0, -1.0, 0.5, 2.0])
+      >>> sr_ste_refine(jnp.zeros(4), w, jnp.array([False, True, True, False]), 0.1)
+      Array([ 0.  , -0.1 ,  0.05,  0.  ], dtype=float32)
+
+    Reference: Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From
+    Scratch", ICLR 2021, Eq. 4.
+    """
+    return g + jnp.where(pruned, sr_ste_lambda * w, jnp.zeros((), w.dtype)).astype(g.dtype)
+
+
+def with_lr_and_decay(direction, learning_rate, weight_decay) -> optax.GradientTransformationExtraArgs:
+    """``chain(direction, add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))``.
+
+    .. math:: u_t = -\\eta_t\\,(d_t + \\lambda_{wd}\\, w)
+
+    The AdamW tail of every ``*_adamw`` N:M optimizer (decoupled weight decay on all leaves, as
+    ``optax.adamw`` with ``mask=None``).
+    """
+    return optax.chain(
+        direction,
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 # ---- forward / prune dispatch ------------------------------------------------------------------
@@ -153,7 +196,7 @@ def _the_state(opt_state):
     states = find_states(opt_state, types)
     if not states:
         raise ValueError(
-            "no N:M optimizer state (step_adamw, ste_adamw, sr_ste_adamw, asp_adamw) found in opt_state "
+            "no N:M optimizer state (step_adamw, sr_ste_adamw/ste_adamw, asp/asp_adamw) found in opt_state "
             f"of type {type(opt_state).__name__}"
         )
     if len(states) > 1:
@@ -175,14 +218,22 @@ def sparse_forward_params(params, opt_state):
 
     Args:
       params: dense parameter pytree.
-      opt_state: state of a transform containing exactly one of ``step_adamw``, ``ste_adamw``,
-        ``sr_ste_adamw``, ``asp_adamw`` (possibly inside ``chain``/``inject_hyperparams``/``MultiSteps``).
+      opt_state: state of a transform containing exactly one of ``step_adamw``/``scale_by_step``,
+        ``sr_ste_adamw``/``ste_adamw``/``scale_by_sr_ste``, ``asp``/``asp_adamw`` (possibly inside
+        ``chain``/``inject_hyperparams``/``MultiSteps``).
 
     Returns:
       A pytree like ``params``.
 
     Example:
-      >>> loss = lambda p: loss_fn(model.apply({"params": sparse_forward_params(p, opt_state)}, x))
+      >>> from jaxlab.transforms import sparse_forward_params, ste_adamw
+      >>> params = {"kernel": jnp.array([[1.0], [-3.0], [0.5], [2.0]])}  # (d_in, d_out): groups along d_in
+      >>> opt_state = ste_adamw(1e-3, n=2, m=4).init(params)
+      >>> sparse_forward_params(params, opt_state)["kernel"].ravel()
+      Array([ 0., -3.,  0.,  2.], dtype=float32)
+      >>> loss = lambda p: jnp.sum(sparse_forward_params(p, opt_state)["kernel"] ** 2)
+      >>> jax.grad(loss)(params)["kernel"].ravel()  # straight-through: reaches the pruned weights too
+      Array([ 0., -6.,  0.,  4.], dtype=float32)
 
     Reference: STEP (Lu et al., ICML 2023), Sec. 3 (STE forward); SR-STE (Zhou et al., ICLR 2021), Eq. 4.
     """
@@ -200,6 +251,13 @@ def prune(params, opt_state):
 
     Returns:
       A pytree like ``params`` with exactly ``N`` non-zeros per group of ``M`` on sparsified leaves.
+
+    Example:
+      >>> from jaxlab.transforms import prune, sr_ste_adamw
+      >>> params = {"kernel": jnp.array([[1.0], [-3.0], [0.5], [2.0]]), "bias": jnp.ones(1)}
+      >>> opt_state = sr_ste_adamw(1e-3, n=1, m=4).init(params)
+      >>> jax.tree.map(jnp.ravel, prune(params, opt_state))
+      {'bias': Array([1.], dtype=float32), 'kernel': Array([ 0., -3.,  0.,  0.], dtype=float32)}
     """
     state = _the_state(opt_state)
     return _FORWARD[type(state)][1](params, state)

@@ -1,15 +1,18 @@
-"""ASP baseline: dense AdamW, a one-shot magnitude N:M mask at ``prune_step``, masked fine-tuning after.
+"""ASP: one-shot magnitude N:M pruning at ``prune_step`` around any optimizer, masked fine-tuning after.
+
+:func:`asp` wraps an inner optimizer (``optax.adamw``, ``optax.sgd``, ...), which computes the update;
+ASP only owns the mask. With the inner update ``U(.)`` (learning rate and weight decay included):
 
 .. math::
 
-    M = \\operatorname{mask}(w_{\\text{prune\\_step}}),\\qquad
-    g \\leftarrow M\\odot g,\\qquad
-    w \\leftarrow M\\odot\\Big(w - \\eta\\big(\\tfrac{\\hat m_t}{\\sqrt{\\hat v_t}+\\epsilon} + \\lambda_{wd} w\\big)\\Big)
+    M_t = \\begin{cases}\\operatorname{mask}(w_t) & t = \\text{prune\\_step}\\\\ M_{t-1} & \\text{otherwise}
+    \\end{cases},\\qquad M_0 = 1,\\qquad
+    u_t = M_t\\odot U(M_t\\odot g_t) - (1 - M_t)\\odot w_t
 
-Before ``prune_step`` the mask is all ones (dense training). The update whose 1-based step number is
-``prune_step`` computes ``M`` from the params it receives (after ``prune_step - 1`` dense updates) and
-zeroes the pruned weights exactly; afterwards the mask is fixed, gradients entering the moments and the
-updates are masked, so pruned weights stay exactly zero.
+Before ``prune_step`` the mask is all ones (dense training: exactly the inner optimizer). The update whose
+1-based step number is ``prune_step`` computes ``M`` from the params it receives (after ``prune_step - 1``
+dense updates) and zeroes the pruned weights exactly; afterwards the mask is fixed, gradients entering the
+inner optimizer (its moments) and the updates are masked, so pruned weights stay exactly zero.
 
 Reference: Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA ASP, arXiv 2104.08378),
 Sec. 4 (train dense, prune 2:4 by magnitude once, fine-tune with the mask fixed).
@@ -26,29 +29,117 @@ import optax
 from jaxlab.nm.masks import nm_mask
 from jaxlab.transforms._nm_common import (
     NMConfig,
-    adam_direction,
-    adam_moments,
-    check_grads,
-    check_params,
+    check_update,
     magnitude_prune,
     register_nm_state,
-    safe_increment,
     static_int,
 )
-from jaxlab.transforms._tree import map_leaves
+from jaxlab.transforms.tree import map_leaves
 
-__all__ = ["AspState", "asp_adamw"]
+__all__ = ["AspState", "asp", "asp_adamw", "asp_mask"]
 
 
 class AspState(NamedTuple):
-    """State of :func:`asp_adamw`: Adam's ``count, mu, nu``, the bool mask (all ones before pruning), ``pruned``."""
+    """State of :func:`asp`.
+
+    Attributes:
+      count: int32 number of updates done.
+      mask: bool pytree like params (all ones before pruning and on dense leaves).
+      pruned: bool, whether the one-shot pruning has happened.
+      inner_state: the inner optimizer's state (e.g. ``optax.adamw``'s, moments included).
+      config: static N:M configuration (no leaves).
+    """
 
     count: jax.Array
-    mu: Any
-    nu: Any
     mask: Any
     pruned: jax.Array
+    inner_state: Any
     config: NMConfig
+
+
+def asp_mask(params, mask, axes, n: int, m: int, prune_now):
+    """ASP's mask after this step: the magnitude N:M mask of ``params`` when ``prune_now``, else ``mask``.
+
+    .. math:: M_t = \\operatorname{mask}(w_t)\\ \\text{if prune\\_now, else } M_{t-1}
+        \\quad\\text{(sparsified leaves; dense leaves keep theirs)}
+
+    ``prune_now`` is a traced bool; the ranking runs only on that step (``lax.cond``).
+    """
+    return jax.lax.cond(
+        prune_now,
+        lambda ws: map_leaves(lambda p, a, w, old: old if a is None else nm_mask(w, n, m, a), axes, ws, mask),
+        lambda ws: mask,
+        params,
+    )
+
+
+def asp(
+    inner: optax.GradientTransformation,
+    *,
+    prune_step: int,
+    n: int = 2,
+    m: int = 4,
+    sparsify=None,
+    nm_axis=None,
+) -> optax.GradientTransformationExtraArgs:
+    """ASP around ``inner``: dense until ``prune_step``, then a fixed magnitude N:M mask.
+
+    .. math:: u_t = \\begin{cases} U(M_t \\odot g_t) & M_t = 1\\\\ -w_t & M_t = 0 \\end{cases}
+
+    where ``U`` is ``inner``'s update (it sees the masked gradient and the current params; its moments of
+    pruned weights decay towards zero).
+
+    Args:
+      inner: the optimizer that computes the update, with its learning rate, e.g.
+        ``optax.adamw(1e-3, weight_decay=0.01)`` (any ``optax.GradientTransformation``).
+      prune_step: 1-based update number that prunes (``>= 1``; the mask is computed from the params
+        passed to that update).
+      n, m: the N:M ratio.
+      sparsify, nm_axis: leaf filter and grouping axis (see :func:`jaxlab.nm.nm_leaf_axes`).
+
+    Returns:
+      ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``. The forward params are
+      ``w * M`` (:func:`jaxlab.transforms.sparse_forward_params`).
+
+    Raises:
+      ValueError: ``prune_step < 1``, ``n > m``, or a selected leaf that cannot be grouped by ``m``.
+
+    Example:
+      >>> from jaxlab.transforms import asp
+      >>> params = {"kernel": jnp.array([[1.0], [-3.0], [0.75], [2.0]])}
+      >>> tx = asp(optax.sgd(0.5), prune_step=2, n=2, m=4)
+      >>> state = tx.init(params)
+      >>> for _ in range(3):
+      ...     updates, state = tx.update({"kernel": jnp.ones((4, 1))}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> params["kernel"].ravel()  # a dense step, the prune step (zeroes 0.5 and 0.25), a masked step
+      Array([ 0. , -4.5,  0. ,  0.5], dtype=float32)
+
+    Reference: Mishra et al., arXiv 2104.08378, Sec. 4.
+    """
+    cfg = NMConfig.make(n, m, sparsify, nm_axis)
+    prune_step = static_int(prune_step, "prune_step")
+    if prune_step < 1:
+        raise ValueError(f"prune_step must be >= 1 (1-based update number), got {prune_step}")
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        cfg.axes(params, require_any=True)
+        ones = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
+        return AspState(jnp.zeros([], jnp.int32), ones, jnp.zeros([], bool), inner.init(params), cfg)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        axes = check_update(updates, params, cfg, "asp")
+        t = optax.safe_increment(state.count)
+        mask = asp_mask(params, state.mask, axes, cfg.n, cfg.m, t == prune_step)
+        zero = lambda x: jnp.zeros((), x.dtype)
+        g = map_leaves(lambda p, a, g, mk: g if a is None else jnp.where(mk, g, zero(g)), axes, updates, mask)
+        u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
+        u = map_leaves(lambda p, a, u, w, mk: u if a is None else jnp.where(mk, u, (-w).astype(u.dtype)),
+                       axes, u, params, mask)
+        return u, AspState(t, mask, state.pruned | (t >= prune_step), inner_state, cfg)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def asp_adamw(
@@ -64,14 +155,14 @@ def asp_adamw(
     sparsify=None,
     nm_axis=None,
 ) -> optax.GradientTransformationExtraArgs:
-    """ASP baseline optimizer: AdamW, one-shot magnitude N:M pruning at ``prune_step``, then masked.
+    """ASP baseline optimizer: ``asp(optax.adamw(...), prune_step=...)``.
 
-    .. math:: u_t = \\begin{cases} -\\eta(d_t + \\lambda_{wd} w) & M = 1\\\\ -w & M = 0 \\end{cases}
+    .. math:: u_t = \\begin{cases} -\\eta_t\\,(\\hat m_t/(\\sqrt{\\hat v_t}+\\epsilon) + \\lambda_{wd} w_t)
+        & M_t = 1\\\\ -w_t & M_t = 0 \\end{cases}
 
     Args:
       learning_rate: float or optax schedule.
-      prune_step: 1-based update number that prunes (``>= 1``; the mask is computed from the params
-        passed to that update).
+      prune_step: 1-based update number that prunes (see :func:`asp`).
       n, m, b1, b2, eps, weight_decay: ratio and AdamW constants.
       sparsify, nm_axis: leaf filter and grouping axis (see :func:`jaxlab.nm.nm_leaf_axes`).
 
@@ -79,49 +170,14 @@ def asp_adamw(
       ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
     Example:
-      >>> tx = asp_adamw(1e-3, prune_step=1000, n=2, m=4)
+      >>> from jaxlab.transforms import asp_adamw
+      >>> tx = asp_adamw(1e-3, prune_step=1000, n=2, m=4, weight_decay=0.01)
+      >>> state = tx.init({"kernel": jnp.ones((8, 4))})
     """
-    cfg = NMConfig.make(n, m, sparsify, nm_axis)
-    prune_step = static_int(prune_step, "prune_step")
-    if prune_step < 1:
-        raise ValueError(f"prune_step must be >= 1 (1-based update number), got {prune_step}")
-    lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
-
-    def init_fn(params):
-        cfg.axes(params, require_any=True)
-        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-        ones = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
-        return AspState(jnp.zeros([], jnp.int32), zeros(), zeros(), ones, jnp.zeros([], bool), cfg)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        check_params(params, "asp_adamw")
-        check_grads(updates, params, "asp_adamw")
-        axes = cfg.axes(params, require_any=True)
-        t = safe_increment(state.count)
-        lr = lr_fn(state.count)
-        mask = jax.lax.cond(
-            t == prune_step,
-            lambda ws: map_leaves(lambda p, a, w, old: old if a is None else nm_mask(w, cfg.n, cfg.m, a), axes, ws, state.mask),
-            lambda ws: state.mask,
-            params,
-        )
-
-        def leaf(path, a, g, w, mu, nu, mk):
-            zero = jnp.zeros((), g.dtype)
-            g = g if a is None else jnp.where(mk, g, zero)
-            mu2, nu2 = adam_moments(g, mu, nu, b1, b2)
-            u = -lr * (adam_direction(mu2, nu2, t, b1, b2, eps) + weight_decay * w)
-            u = u.astype(w.dtype)
-            return (u if a is None else jnp.where(mk, u, -w)), mu2, nu2
-
-        res = map_leaves(leaf, axes, updates, params, state.mu, state.nu, mask)
-        treedef = jax.tree_util.tree_structure(params)
-        flat = treedef.flatten_up_to(res)
-        unflat = lambda k: jax.tree_util.tree_unflatten(treedef, [r[k] for r in flat])
-        return unflat(0), AspState(t, unflat(1), unflat(2), mask, state.pruned | (t >= prune_step), cfg)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return asp(
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        prune_step=prune_step, n=n, m=m, sparsify=sparsify, nm_axis=nm_axis,
+    )
 
 
 def _forward(params, state: AspState):

@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.transforms.residual_sides import LORA_LEAVES, READER, ResidualSides, as_residual_sides, path_str
+from jaxlab.paths import key_path, slash_path
+from jaxlab.transforms.residual_sides import LORA_LEAVES, READER, ResidualSides, as_residual_sides
 
 __all__ = [
     "LoraModule",
@@ -182,7 +183,7 @@ def _group_lora_leaves(lora_params) -> dict[str, dict[str, tuple]]:
     """``{module path: {"lora_a": (tree path, leaf), "lora_b": (tree path, leaf)}}`` (a pair may be partial)."""
     grouped: dict[str, dict] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(lora_params)[0]:
-        parts = path_str(path).split("/")
+        parts = slash_path(path).split("/")
         if parts[-1] in LORA_LEAVES:
             grouped.setdefault("/".join(parts[:-1]), {})[parts[-1]] = (path, leaf)
     return grouped
@@ -237,11 +238,11 @@ def collect_lora_modules(lora_params, sides=None) -> list[LoraModule]:
         b = np.asarray(b)
         if a.ndim < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
             raise ValueError(
-                f"identify_spurious_subspace: LoRA factors {jax.tree_util.keystr(pa)} {a.shape} and "
-                f"{jax.tree_util.keystr(pb)} {b.shape} do not fit; expected lora_a (..., d_in, r) and "
+                f"identify_spurious_subspace: LoRA factors {key_path(pa)} {a.shape} and "
+                f"{key_path(pb)} {b.shape} do not fit; expected lora_a (..., d_in, r) and "
                 f"lora_b (..., r, d_out)"
             )
-        residual_leaf = jax.tree_util.keystr(pa if side == READER else pb)
+        residual_leaf = key_path(pa if side == READER else pb)
         modules.append(LoraModule(mod, side, a, b, residual_leaf, rules.layer_of(mod)))
     if not modules:
         raise ValueError(

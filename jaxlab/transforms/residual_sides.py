@@ -30,14 +30,13 @@ from typing import Any
 
 import jax
 
-from jaxlab.nm.masks import path_keys
+from jaxlab.paths import key_path, slash_path
 
 __all__ = [
     "DEFAULT_SIDE_RULES",
     "LeafSide",
     "ResidualSides",
     "as_residual_sides",
-    "path_str",
 ]
 
 READER = "reader"
@@ -65,18 +64,6 @@ BASE_NDIM = {"kernel": 2, "lora_a": 2, "lora_b": 2, "bias": 1, "embedding": 2}
 LORA_LEAVES = ("lora_a", "lora_b")
 
 _DEFAULT_LAYER_PATTERN = r"(?:^|/)(?:blocks?|layers?|h)_(\d+)(?:/|$)"
-
-
-def path_str(path) -> str:
-    """A tree path (from ``tree_flatten_with_path``) as ``"a/b/c"`` (NNX ``.value`` dropped).
-
-    Example:
-      >>> import jax
-      >>> from jaxlab.transforms.residual_sides import path_str
-      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path({"attn": {"q": {"kernel": 0}}})[0]]
-      ['attn/q/kernel']
-    """
-    return "/".join(path_keys(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +155,7 @@ class ResidualSides:
           >>> ls.side, ls.axis, ls.layer, ls.stacked
           ('writer', -1, 1, False)
         """
-        parts = path_str(path).split("/")
+        parts = slash_path(path).split("/")
         name, module = parts[-1], "/".join(parts[:-1])
         side = self.side_of(module)
         if side is None:
@@ -180,7 +167,7 @@ class ResidualSides:
         base = BASE_NDIM[name]
         if ndim < base:
             raise ValueError(
-                f"GRASP sides: leaf {jax.tree_util.keystr(path)} of {side} module {module!r} has shape "
+                f"GRASP sides: leaf {key_path(path)} of {side} module {module!r} has shape "
                 f"{tuple(getattr(leaf, 'shape', ()))}; expected at least {base} axes for a {name!r} leaf "
                 f"(Flax layout: kernel (d_in, d_out), lora_a (d_in, r), lora_b (r, d_out))"
             )
@@ -190,7 +177,7 @@ class ResidualSides:
             layer=self.layer_of(module),
             stacked=ndim > base,
             name=name,
-            path=jax.tree_util.keystr(path),
+            path=key_path(path),
         )
 
     def resolve(self, tree) -> Any:

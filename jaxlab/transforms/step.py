@@ -24,6 +24,11 @@ Non-sparsifiable leaves (biases, norms, embeddings) run ordinary AdamW with a li
 The phase is an ``int32`` in the state and acts through ``lax.cond``, so one compiled step runs on both
 sides of the switch (under ``jit``, ``pmap`` and sharded ``jit`` alike).
 
+The math lives in named functions that :func:`scale_by_step` composes: :func:`sr_ste_phase2` (the SR-STE
+term), optax's moment updates (``optax.tree.update_moment``/``update_moment_per_elem_norm``),
+:func:`frozen_v_direction` (the live or frozen-``v`` Adam direction), :func:`z_statistic` and
+:func:`autoswitch` (the ring buffer and the ``t_min``/``t_max`` rule).
+
 Reference: Lu, Agrawal, Subramanian, Rybakov, De Sa, Yazdanbakhsh, "STEP: Learning N:M Structured
 Sparsity Masks from Scratch with Precondition", ICML 2023 (arXiv 2302.01172), Alg. 1 and Sec. 4
 (AutoSwitch); SR-STE term from Zhou et al., ICLR 2021, Eq. 4.
@@ -40,26 +45,29 @@ import optax
 from jaxlab.nm.masks import nm_pruned_bits, unpack_pruned
 from jaxlab.transforms._nm_common import (
     NMConfig,
-    adam_direction,
-    adam_moments,
-    check_grads,
-    check_params,
+    check_update,
     magnitude_prune,
     register_nm_state,
-    safe_increment,
+    sr_ste_refine,
     static_float,
     static_int,
     ste_forward,
+    uses_sr_ste,
+    with_lr_and_decay,
 )
-from jaxlab.transforms._tree import find_states
+from jaxlab.transforms.tree import find_states
 
 __all__ = [
     "StepState",
+    "autoswitch",
+    "frozen_v_direction",
     "scale_by_step",
+    "sr_ste_phase2",
     "step_adamw",
     "step_phase",
     "step_statistics",
     "step_switch_step",
+    "z_statistic",
 ]
 
 _TINY = 1e-30
@@ -94,6 +102,150 @@ class StepState(NamedTuple):
     z: jax.Array
     zbar: jax.Array
     config: NMConfig
+
+
+def sr_ste_phase2(grads, params, axes, in_p2, *, n: int, m: int, sr_ste_lambda) -> list:
+    """STEP's SR-STE term: the refined gradient on the sparsifiable leaves in phase 2, the raw one in phase 1.
+
+    .. math:: g \\leftarrow g + [\\text{phase} = 2]\\;\\lambda_w\\,(1 - \\operatorname{mask}(w))\\odot w
+        \\quad\\text{(sparsifiable leaves; others unchanged)}
+
+    Only the N:M ranking is phase-specific *work*, so only it sits under ``lax.cond``, packed one integer
+    per group (:func:`jaxlab.nm.masks.nm_pruned_bits`: ``1/m`` of a boolean mask's bytes; phase 1 returns
+    zeros, nothing pruned, nothing ranked). The rest is elementwise, so XLA fuses it into the moment update.
+
+    Args:
+      grads, params: flat lists of the gradient and dense weight leaves.
+      axes: flat list of grouping axes (``None`` for dense leaves).
+      in_p2: traced bool, ``phase == 1`` (mask learning).
+      n, m: the N:M ratio.
+      sr_ste_lambda: ``lambda_w``.
+
+    Returns:
+      The list of (refined) gradients.
+    """
+    sparse = [i for i, a in enumerate(axes) if a is not None]
+
+    def bits_p2(w_s):
+        return [nm_pruned_bits(w, n, m, axes[i]) for w, i in zip(w_s, sparse)]
+
+    def bits_p1(w_s):
+        return [jnp.zeros(b.shape, b.dtype) for b in jax.eval_shape(bits_p2, w_s)]
+
+    bits = jax.lax.cond(in_p2, bits_p2, bits_p1, [params[i] for i in sparse])
+    out = list(grads)
+    for b, i in zip(bits, sparse):
+        pruned = unpack_pruned(b, m, axes[i], params[i].shape)
+        out[i] = sr_ste_refine(grads[i], params[i], pruned, sr_ste_lambda)
+    return out
+
+
+def frozen_v_direction(mus, nus, count, frozen, switch_step, *, b1, b2, eps, eps_frozen, bias_correct_frozen_v):
+    """Adam's direction for a group of leaves whose second moment is live, or frozen at the switch.
+
+    .. math::
+
+        d_t = \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v / c_2} + \\epsilon'},\\qquad
+        (v, c_2, \\epsilon') = \\begin{cases}
+          (v_t,\\ 1-\\beta_2^t,\\ \\epsilon) & \\text{live (phase 1; dense leaves always)}\\\\
+          (v_{T_0},\\ 1 \\text{ or } 1-\\beta_2^{T_0},\\ \\epsilon_{frozen}) & \\text{frozen (phase 2, sparsifiable)}
+        \\end{cases}
+
+    The frozen ``v_{T_0}`` is bias-corrected only with ``bias_correct_frozen_v`` (off in the paper); the
+    first moment keeps its bias correction with the global ``t``. The scalars are computed once per group
+    and written out rather than taken from ``optax.tree.bias_correction`` (whose ``jit`` makes XLA round
+    differently in the last bit), so the numbers are those of the original implementation bit for bit.
+
+    Args:
+      mus: list of first moments ``m_t`` (already updated).
+      nus: list of second moments (``v_t`` when live, ``v_{T_0}`` when frozen).
+      count: ``t`` (int32, 1-based).
+      frozen: traced bool (``phase == 1``: the sparsifiable leaves in phase 2) or ``False``.
+      switch_step: ``T_0`` (int32; only read when frozen).
+      b1, b2, eps, eps_frozen, bias_correct_frozen_v: as in :func:`scale_by_step`.
+
+    Returns:
+      The list of ``d_t``, shaped like ``mus``.
+    """
+    c1 = 1 - b1**count
+    c2 = jnp.where(frozen, 1 - b2 ** jnp.maximum(switch_step, 1) if bias_correct_frozen_v else 1.0, 1 - b2**count)
+    eps_t = jnp.where(frozen, eps_frozen, eps)
+    return [(mu / c1.astype(mu.dtype)) / (jnp.sqrt(nu / c2.astype(nu.dtype)) + eps_t.astype(nu.dtype))
+            for mu, nu in zip(mus, nus)]
+
+
+def z_statistic(grads, nus, b2) -> jax.Array:
+    """AutoSwitch's statistic: how much the second moment of the sparsifiable leaves ``S`` still moves.
+
+    .. math::
+
+        Z_t = \\frac{1}{|S|}\\sum_{i \\in S} |v_{t,i} - v_{t-1,i}|
+            = \\frac{1-\\beta_2}{\\beta_2\\,|S|}\\sum_{i\\in S} |g_{t,i}^2 - v_{t,i}|
+
+    (``v_{t-1} = (v_t - (1-b2) g_t^2) / b2``), written with the *new* moment so that the old one is read
+    only by its own update, which XLA can do in place. ``b2 = 0`` keeps no memory (``v_t = g_t^2``): then
+    ``nus`` are the old moments and ``Z_t = mean |g_t^2 - v_{t-1}|``.
+
+    Args:
+      grads: list of the sparsifiable leaves' raw gradients ``g_t``.
+      nus: their ``v_t`` (``v_{t-1}`` when ``b2 = 0``).
+      b2: Adam's second-moment decay.
+
+    Returns:
+      ``Z_t`` (float32 scalar; the sums are accumulated in float32).
+    """
+    sums = [jnp.sum(jnp.abs(g * g - nu).astype(jnp.float32)) for g, nu in zip(grads, nus)]
+    if not _is_zero(b2):
+        sums = [((1 - b2) / b2) * s for s in sums]
+    return sum(sums) / sum(g.size for g in grads)
+
+
+def autoswitch(state: StepState, z, t, *, window: int, geometric: bool, switch_eps, t_min, t_max) -> StepState:
+    """One AutoSwitch step: record ``Z_t`` in the ring buffer, average it, apply the one-way switch rule.
+
+    .. math::
+
+        B_{p} \\leftarrow s(Z_t),\\quad s(Z) = Z \\ \\text{or}\\ \\log\\max(Z, 10^{-30}),\\qquad
+        \\bar Z_t = \\frac{1}{\\min(k_t, T_w)}\\sum_{j} B_j \\ \\ (\\text{geometric: } \\exp \\text{ of it}),
+
+    .. math:: \\text{switch} \\iff \\text{phase 1} \\wedge \\big((\\bar Z_t < \\epsilon_{switch} \\wedge t > t_{min})
+        \\vee t > t_{max}\\big),\\qquad T_0 = t
+
+    with ``p`` the buffer position (advancing modulo ``T_w``) and ``k_t`` the number of samples so far.
+    In phase 2 it is a no-op: every field keeps its value.
+
+    Args:
+      state: the state before this step (its ``phase``, ``switch_step`` and ``z_*`` fields are read).
+      z: ``Z_t`` (:func:`z_statistic`; ignored in phase 2).
+      t: the 1-based step number.
+      window, geometric, switch_eps, t_min, t_max: as in :func:`scale_by_step`.
+
+    Returns:
+      ``state`` with ``phase``, ``switch_step``, ``z_buffer``, ``z_fill``, ``z_pos``, ``z``, ``zbar`` updated.
+    """
+    in_p2 = state.phase == 1
+    sample = jnp.log(jnp.maximum(z, _TINY)) if geometric else z
+    buf = state.z_buffer.at[state.z_pos].set(sample)
+    fill = jnp.minimum(state.z_fill + 1, window)
+    pos = (state.z_pos + 1) % window
+    stat = jnp.sum(buf) / fill
+    zbar = jnp.exp(stat) if geometric else stat
+    switch = jnp.logical_not(in_p2) & (((zbar < switch_eps) & (t > t_min)) | (t > t_max))
+    keep = lambda old, new: jnp.where(in_p2, old, new)
+    return state._replace(
+        phase=jnp.where(switch, 1, state.phase).astype(jnp.int32),
+        switch_step=jnp.where(switch, t, state.switch_step).astype(jnp.int32),
+        z_buffer=keep(state.z_buffer, buf),
+        z_fill=keep(state.z_fill, fill).astype(jnp.int32),
+        z_pos=keep(state.z_pos, pos).astype(jnp.int32),
+        z=keep(state.z, z).astype(jnp.float32),
+        zbar=keep(state.zbar, zbar).astype(jnp.float32),
+    )
+
+
+def _is_zero(b2) -> bool:
+    """``b2`` is a static 0 (no memory: ``v_t = g_t^2``)."""
+    return not isinstance(b2, jax.core.Tracer) and float(b2) == 0.0
 
 
 def scale_by_step(
@@ -163,9 +315,8 @@ def scale_by_step(
     if eps_frozen is None:
         eps_frozen = eps**0.75
     geometric = statistic == "geometric"
-    # a traced lambda (inject_hyperparams) keeps the term; a static 0 skips the mask entirely
-    use_sr = isinstance(sr_ste_lambda, jax.core.Tracer) or bool(sr_ste_lambda != 0)
-    b2_zero = not isinstance(b2, jax.core.Tracer) and float(b2) == 0.0
+    use_sr = uses_sr_ste(sr_ste_lambda)
+    b2_zero = _is_zero(b2)
 
     def init_fn(params):
         cfg.axes(params, require_any=True)  # validate the selection now (leaf paths in errors)
@@ -185,91 +336,40 @@ def scale_by_step(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        check_params(params, "scale_by_step")
-        check_grads(updates, params, "scale_by_step")
+        axes = check_update(updates, params, cfg, "scale_by_step")
         treedef = jax.tree_util.tree_structure(params)
-        axes = treedef.flatten_up_to(cfg.axes(params, require_any=True))
-        gs, ws = treedef.flatten_up_to(updates), treedef.flatten_up_to(params)
-        mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-        t = safe_increment(state.count)
+        axes, gs, ws = (treedef.flatten_up_to(x) for x in (axes, updates, params))
+        t = optax.safe_increment(state.count)
         in_p2 = state.phase == 1
-
-        new_mu, new_nu, dirs = list(mus), list(nus), [None] * len(gs)
         sparse = [i for i, a in enumerate(axes) if a is not None]
-        for i, a in enumerate(axes):  # dense leaves: AdamW with a live v in both phases
-            if a is None:
-                new_mu[i], new_nu[i] = adam_moments(gs[i], mus[i], nus[i], b1, b2)
-                dirs[i] = adam_direction(new_mu[i], new_nu[i], t, b1, b2, eps)
 
-        # Sparsifiable leaves. Only the N:M mask (for the SR-STE term) is phase-specific *work*, so only it
-        # sits under lax.cond, packed one integer per group (1/m of a boolean mask's bytes; phase 1 returns
-        # zeros: nothing pruned, nothing ranked). The rest is elementwise and selects between the phases
-        # with jnp.where, so XLA fuses moments and direction per leaf as it does for optax.adamw.
-        if use_sr:
-            def bits_p2(w_s):
-                return [nm_pruned_bits(w, cfg.n, cfg.m, axes[i]) for w, i in zip(w_s, sparse)]
+        # moments: m of the (phase-2 SR-STE refined) gradient; v of the raw gradient, frozen at v_T0 on the
+        # sparsifiable leaves in phase 2 (the SR-STE term only enters in phase 2)
+        g_ref = sr_ste_phase2(gs, ws, axes, in_p2, n=cfg.n, m=cfg.m, sr_ste_lambda=sr_ste_lambda) if use_sr else gs
+        mus = treedef.flatten_up_to(optax.tree.update_moment(jax.tree_util.tree_unflatten(treedef, g_ref),
+                                                             state.mu, b1, 1))
+        nus_old = treedef.flatten_up_to(state.nu)
+        nus = treedef.flatten_up_to(optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2))
+        for i in sparse:
+            nus[i] = jnp.where(in_p2, nus_old[i], nus[i])
 
-            def bits_p1(w_s):
-                return [jnp.zeros(b.shape, b.dtype) for b in jax.eval_shape(bits_p2, w_s)]
+        # directions: each dense leaf AdamW with a live v in both phases; the sparsifiable leaves as one group
+        # that switches to the frozen v together
+        kw = dict(b1=b1, b2=b2, eps=eps, eps_frozen=eps_frozen, bias_correct_frozen_v=bias_correct_frozen_v)
+        dirs = [None] * len(axes)
+        for group, frozen in [([i], False) for i, a in enumerate(axes) if a is None] + [(sparse, in_p2)]:
+            ds = frozen_v_direction([mus[i] for i in group], [nus[i] for i in group], t, frozen, state.switch_step, **kw)
+            for i, d in zip(group, ds):
+                dirs[i] = d
 
-            bits = jax.lax.cond(in_p2, bits_p2, bits_p1, [ws[i] for i in sparse])
-        c1 = 1 - b1**t
-        # the second-moment estimate in the denominator is nu' / c2: live nu_t / (1 - b2^t) in phase 1,
-        # the frozen v_T0 (optionally / (1 - b2^T0)) in phase 2; written through nu' so the update reads
-        # the new moment (no second live copy of the old one)
-        c2 = jnp.where(in_p2, 1 - b2 ** jnp.maximum(state.switch_step, 1) if bias_correct_frozen_v else 1.0,
-                       1 - b2**t)
-        eps_t = jnp.where(in_p2, eps_frozen, eps)
-
-        for j, i in enumerate(sparse):
-            g, w, mu, nu = gs[i], ws[i], mus[i], nus[i]
-            if use_sr:
-                pruned = unpack_pruned(bits[j], cfg.m, axes[i], w.shape)
-                g = g + jnp.where(pruned, sr_ste_lambda * w, jnp.zeros((), w.dtype)).astype(g.dtype)
-            new_mu[i] = (1 - b1) * g + b1 * mu
-            # phase 1: the moment of the raw gradient (the SR-STE term only enters in phase 2)
-            new_nu[i] = jnp.where(in_p2, nu, (1 - b2) * (gs[i] * gs[i]) + b2 * nu)
-            denom = jnp.sqrt(new_nu[i] / c2.astype(nu.dtype)) + eps_t.astype(nu.dtype)
-            dirs[i] = (new_mu[i] / c1.astype(mu.dtype)) / denom
-
-        def z_sum(g_nu):
-            # Z_t = mean |v_t - v_{t-1}| = (1 - b2) mean |g^2 - v_{t-1}|, written with the *new* moment
-            # (v_{t-1} = (v_t - (1 - b2) g^2) / b2, so |v_t - v_{t-1}| = (1 - b2) / b2 |g^2 - v_t|): the old
-            # moment is then read only by its own update, which XLA can do in place.
-            # (b2 = 0 keeps no memory: v_t = g^2, and the old moment is needed after all)
-            if b2_zero:
-                return sum(jnp.sum(jnp.abs(g * g - nu).astype(jnp.float32)) for g, nu in zip(*g_nu))
-            return sum(((1 - b2) / b2) * jnp.sum(jnp.abs(g * g - nu2).astype(jnp.float32)) for g, nu2 in zip(*g_nu))
-
-        zsum = jax.lax.cond(in_p2, lambda _: jnp.zeros([], jnp.float32), z_sum,  # phase 2: not needed
-                            ([gs[i] for i in sparse], [(nus if b2_zero else new_nu)[i] for i in sparse]))
-
-        # AutoSwitch bookkeeping (a no-op in phase 2: every field keeps its value)
-        size = sum(ws[i].size for i in sparse)
-        z = zsum / size
-        sample = jnp.log(jnp.maximum(z, _TINY)) if geometric else z
-        buf = state.z_buffer.at[state.z_pos].set(sample)
-        fill = jnp.minimum(state.z_fill + 1, window)
-        pos = (state.z_pos + 1) % window
-        stat = jnp.sum(buf) / fill
-        zbar = jnp.exp(stat) if geometric else stat
-        switch = jnp.logical_not(in_p2) & (((zbar < switch_eps) & (t > t_min)) | (t > t_max))
-        keep = lambda old, new: jnp.where(in_p2, old, new)
-        new_state = StepState(
-            count=t,
-            mu=jax.tree_util.tree_unflatten(treedef, new_mu),
-            nu=jax.tree_util.tree_unflatten(treedef, new_nu),
-            phase=jnp.where(switch, 1, state.phase).astype(jnp.int32),
-            switch_step=jnp.where(switch, t, state.switch_step).astype(jnp.int32),
-            z_buffer=keep(state.z_buffer, buf),
-            z_fill=keep(state.z_fill, fill).astype(jnp.int32),
-            z_pos=keep(state.z_pos, pos).astype(jnp.int32),
-            z=keep(state.z, z).astype(jnp.float32),
-            zbar=keep(state.zbar, zbar).astype(jnp.float32),
-            config=cfg,
-        )
-        out = [d.astype(g.dtype) for d, g in zip(dirs, gs)]
-        return jax.tree_util.tree_unflatten(treedef, out), new_state
+        # AutoSwitch: Z_t only in phase 1 (lax.cond), then the ring buffer and the switch rule
+        z = jax.lax.cond(in_p2, lambda *_: jnp.zeros([], jnp.float32), lambda g_s, nu_s: z_statistic(g_s, nu_s, b2),
+                         [gs[i] for i in sparse], [(nus_old if b2_zero else nus)[i] for i in sparse])
+        new_state = autoswitch(state, z, t, window=window, geometric=geometric, switch_eps=switch_eps,
+                               t_min=t_min, t_max=t_max)
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+        new_state = new_state._replace(count=t, mu=unflat(mus), nu=unflat(nus))
+        return unflat([d.astype(g.dtype) for d, g in zip(dirs, gs)]), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -311,22 +411,29 @@ def step_adamw(
       ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
     Example:
-      >>> tx = step_adamw(1e-3, n=2, m=4, switch_eps=1e-9, t_min=100, t_max=2000)
+      >>> from jaxlab.transforms import sparse_forward_params, step_adamw, step_phase, step_switch_step
+      >>> params = {"kernel": jax.random.normal(jax.random.PRNGKey(0), (8, 4)), "bias": jnp.zeros(4)}
+      >>> loss = lambda p: jnp.sum(jnp.sin(p["kernel"]) + p["bias"] ** 2)
+      >>> tx = step_adamw(1e-3, n=2, m=4, switch_eps=1e-9, t_min=2, t_max=3)
       >>> state = tx.init(params)
-      >>> grads = jax.grad(lambda p: loss(sparse_forward_params(p, state)))(params)
-      >>> updates, state = tx.update(grads, state, params)
-      >>> step_phase(state), step_switch_step(state)
+      >>> update = jax.jit(tx.update)
+      >>> for _ in range(5):
+      ...     grads = jax.grad(lambda p: loss(sparse_forward_params(p, state)))(params)
+      ...     updates, state = update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> int(step_phase(state)), int(step_switch_step(state))  # switched at t = t_max + 1
+      (1, 4)
 
     Reference: Lu et al., "STEP", ICML 2023 (arXiv 2302.01172), Alg. 1.
     """
-    return optax.chain(
+    return with_lr_and_decay(
         scale_by_step(
             n=n, m=m, b1=b1, b2=b2, eps=eps, switch_eps=switch_eps, t_min=t_min, t_max=t_max,
             window=window, statistic=statistic, sr_ste_lambda=sr_ste_lambda, eps_frozen=eps_frozen,
             bias_correct_frozen_v=bias_correct_frozen_v, sparsify=sparsify, nm_axis=nm_axis,
         ),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate),
+        learning_rate,
+        weight_decay,
     )
 
 

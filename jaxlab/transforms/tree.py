@@ -1,6 +1,6 @@
-"""Shared pytree helpers for the transforms: path strings, leaf filters, per-leaf maps, state lookup.
+"""Pytree helpers shared by the transforms and their users: leaf filters, per-leaf maps, state lookup.
 
-Stable and additive: other transforms (GRASP, STEP and its baselines) import from here.
+Path strings come from :mod:`jaxlab.paths` (the one place that spells a path).
 """
 
 from __future__ import annotations
@@ -11,27 +11,9 @@ from typing import Any
 
 import jax
 
-from jaxlab.nm.masks import leaf_name, path_keys
+from jaxlab.paths import slash_path
 
-__all__ = [
-    "find_states",
-    "leaf_name",
-    "map_leaves",
-    "named_leaves",
-    "path_filter",
-    "path_str",
-    "slash_path",
-]
-
-
-def path_str(path) -> str:
-    """``jax.tree_util.keystr`` of a path: ``"['block_0']['attn']['q']['kernel']"`` (for error messages)."""
-    return jax.tree_util.keystr(tuple(path))
-
-
-def slash_path(path) -> str:
-    """Path as ``"block_0/attn/q/kernel"`` (for regex filters and reports; NNX ``.value`` dropped)."""
-    return "/".join(path_keys(path))
+__all__ = ["find_states", "map_leaves", "named_leaves", "path_filter"]
 
 
 def named_leaves(tree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
@@ -44,7 +26,12 @@ def path_filter(include: str | Sequence[str], exclude: str | Sequence[str] = ())
     """Leaf filter ``(path, leaf) -> bool`` from regexes searched in the slash path.
 
     Example:
-      >>> only_mlp = path_filter(r"mlp/(up|down)/kernel$")
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.transforms import path_filter
+      >>> only_mlp = path_filter(r"mlp/(up|down)/kernel$", exclude=r"block_1/")
+      >>> tree = {"block_0": {"mlp": {"up": {"kernel": 0, "bias": 0}}}, "block_1": {"mlp": {"up": {"kernel": 0}}}}
+      >>> [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if only_mlp(p, x)]
+      ["['block_0']['mlp']['up']['kernel']"]
     """
     inc = [include] if isinstance(include, str) else list(include)
     exc = [exclude] if isinstance(exclude, str) else list(exclude)
