@@ -2,7 +2,8 @@
 shard_map gives the single-device result; optimizer-state shardings survive updates; one compile
 per mode (STEP and ASP included: their switch/prune step is data, not a retrace).
 
-Methods: flow matching + AdamW (the runtime's baseline), MeanFlow (fixed coefficient and "auto", whose
+Methods come from the method registry (``method_case``; a newly registered method runs through
+``check_all_modes_agree``, see tests/test_contract.py): flow matching + AdamW (the runtime's baseline), MeanFlow (fixed coefficient and "auto", whose
 pooled statistics are psum'ed over the device axis), STEP (4 steps crossing the AutoSwitch at t = 3),
 STE, SR-STE, ASP (pruning at step 2), and GRASP (LoRA on the bundled transformer, base frozen).
 """
@@ -12,21 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _parallel import MODES, assert_close, run_mode
+from _parallel import MODES, assert_close, assert_same_nm_masks, min_nm_gap, run_mode
 
 import jaxlab
 from jaxlab.distributed import unbox
 from jaxlab.losses import MeanFlowConfig, flow_matching_loss, meanflow_init_state, meanflow_loss
+from jaxlab.nm import nm_leaf_axes, nm_mask
 from jaxlab.nn import VelocityMLP, lora
 from jaxlab.nn.transformer import Transformer, TransformerConfig, causal_lm_loss
+from jaxlab.training import get_method
 from jaxlab.transforms import (
-    asp_adamw,
     grasp,
     grasp_init_params,
     sparse_forward_params,
-    sr_ste_adamw,
-    ste_adamw,
-    step_adamw,
     step_phase,
     step_switch_step,
     subspace_leakage,
@@ -78,7 +77,7 @@ def _meanflow_case(lam):
 
     def batch(i):
         k = jax.random.split(jax.random.PRNGKey(200 + i), 4)
-        x = jaxlab.eight_gaussians().sample(k[0], 32)
+        x = jaxlab.data.eight_gaussians().sample(k[0], 32)
         a, b = jax.random.uniform(k[2], (32,)), jax.random.uniform(k[3], (32,))
         t, r = jnp.maximum(a, b), jnp.minimum(a, b)
         r = jnp.where(jnp.arange(32) % 4 == 0, t, r)  # r = t rows on every shard
@@ -103,14 +102,38 @@ def _lm(seed=1):
     return model, params, batches
 
 
+# N:M cases. The mask is a discontinuous function of |w|: with the plain init (|w| ~ 0.02) groups of M hold
+# near-ties down to ~1e-6, while the modes' rounding differences reach ~1e-4 on some entries (Adam turns
+# reduction-order noise on near-zero gradient entries into O(lr / 30) steps, and STEP's first frozen-v step
+# is ~100 lr), so a mask could flip and the runs part. The N:M leaves therefore start with the N kept
+# entries of every group NM_GAP above the pruned ones. Before the last mask is taken (w_{T-1}) an entry has
+# moved by at most T - 1 Adam steps of <= 1.01 lr (|m_hat / sqrt(v_hat)| <= 1.01 for t <= 4), so every
+# gap stays >= NM_GAP - 2 (T - 1) 1.01 lr ~ 0.04 (T = 4), orders of magnitude above any cross-mode
+# difference: each mode applies the same masks. The test asserts that (masks first, a flip named by leaf,
+# step and group, then the values). The larger kernels also move the gradients away from Adam's eps
+# (attention q/k median |g| 1e-5 -> 2e-3), which keeps the value differences well inside LM_TOL.
+NM_GAP = 0.1
+NM_MIN_GAP = 0.03  # asserted on the reference run's pre-update params (the construction's guarantee)
+
+
+def _separate_nm_groups(params, gap=NM_GAP):
+    """Add ``gap`` to |w| of the ``N`` kept entries of every group on the N:M leaves (sign kept)."""
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    axes = treedef.flatten_up_to(nm_leaf_axes(params, NM["m"], n=NM["n"]))
+    flat = [w if a is None else jnp.where(nm_mask(w, NM["n"], NM["m"], a), w + jnp.where(w < 0, -gap, gap), w)
+            for w, a in zip(flat, axes)]
+    return jax.tree_util.tree_unflatten(treedef, flat)
+
+
 def _nm_case(make_tx):
     model, params, batches = _lm()
+    params = _separate_nm_groups(params)
 
     def loss_fn(params, batch, key):
         return causal_lm_loss(model.apply({"params": params}, batch), batch), {}
 
     return dict(loss_fn=loss_fn, params=params, batches=batches, tx=make_tx(),
-                kw=dict(forward_params_fn=sparse_forward_params), tol=LM_TOL)
+                kw=dict(forward_params_fn=sparse_forward_params), tol=LM_TOL, nm=NM)
 
 
 U_GRASP = np.linalg.qr(np.random.default_rng(0).normal(size=(LM_CFG.d_model, 2)))[0].astype(np.float32)
@@ -133,15 +156,23 @@ def _grasp_case():
     return dict(loss_fn=loss_fn, params=params, batches=batches, tx=tx, tol=LM_TOL)
 
 
+def method_case(name: str, **hyper):
+    """The composition case of registered method ``name`` (:mod:`jaxlab.training.methods`): N:M methods
+    train the transformer LM through the sparse forward, dense ones the flow-matching MLP."""
+    method = get_method(name)
+    if method.sparse:
+        return _nm_case(lambda: method.make(LR, **NM, **hyper))
+    return {**_fm_case(), "tx": method.make(1e-2, **hyper)}
+
+
 CASES = {
-    "flow_matching+adamw": lambda: {**_fm_case(), "tx": optax.adamw(1e-2, weight_decay=1e-3)},
-    "meanflow_lam0.5+adam": lambda: {**_meanflow_case(0.5), "tx": optax.adam(1e-2)},
-    "meanflow_auto+adam": lambda: {**_meanflow_case("auto"), "tx": optax.adam(1e-2)},
-    "step_adamw (both phases)": lambda: _nm_case(
-        lambda: step_adamw(LR, switch_eps=0.0, t_min=1, t_max=2, window=4, **NM)),
-    "ste_adamw": lambda: _nm_case(lambda: ste_adamw(LR, **NM)),
-    "sr_ste_adamw": lambda: _nm_case(lambda: sr_ste_adamw(LR, **NM)),
-    "asp_adamw (prune at 2)": lambda: _nm_case(lambda: asp_adamw(LR, prune_step=2, **NM)),
+    "flow_matching+adamw": lambda: method_case("adamw", weight_decay=1e-3),
+    "meanflow_lam0.5+adam": lambda: {**_meanflow_case(0.5), "tx": get_method("adam").make(1e-2)},
+    "meanflow_auto+adam": lambda: {**_meanflow_case("auto"), "tx": get_method("adam").make(1e-2)},
+    "step_adamw (both phases)": lambda: method_case("step", switch_eps=0.0, t_min=1, t_max=2, window=4),
+    "ste_adamw": lambda: method_case("ste"),
+    "sr_ste_adamw": lambda: method_case("sr_ste"),
+    "asp_adamw (prune at 2)": lambda: method_case("asp", prune_step=2),
     "grasp+lora+adamw": _grasp_case,
 }
 AXIS = {"pmap": "batch", "shard_map": "data"}  # the axis names of make_pmap/shard_map_train_step
@@ -149,14 +180,32 @@ AXIS = {"pmap": "batch", "shard_map": "data"}  # the axis names of make_pmap/sha
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_all_modes_agree(case, eight_devices):
-    c = CASES[case]()
-    tx, kw, tol = c["tx"], c.get("kw", {}), c.get("tol", {})
-    ref, traces, _ = run_mode("single", c["loss_fn"], tx, c["params"], c["batches"], eight_devices, **kw)
+    check_all_modes_agree(case, CASES[case](), eight_devices)
+
+
+def check_all_modes_agree(case: str, c: dict, eight_devices):
+    """Every mode of ``MODES`` gives the single-device result of case ``c``, with one trace each."""
+    tx, kw, tol, nm = c["tx"], c.get("kw", {}), c.get("tol", {}), c.get("nm")
+
+    def trajectory():  # N:M cases: the params each update starts from (the ones its masks are taken of)
+        seen = [jax.tree.map(np.asarray, c["params"])]
+        return seen, (lambda state: seen.append(jax.tree.map(np.asarray, state.params))) if nm else None
+
+    ref_traj, on_step = trajectory()
+    ref, traces, _ = run_mode("single", c["loss_fn"], tx, c["params"], c["batches"], eight_devices, **kw,
+                              on_step=on_step)
     assert traces == 1
+    if nm:  # the construction holds on this run: no near-tie in |w| that rounding could resolve either way
+        gap, where = min_nm_gap(ref_traj[:-1], **nm)
+        assert gap >= NM_MIN_GAP, f"{case}: N:M tie gap {gap:.2e} < {NM_MIN_GAP} at {where}; masks may flip by rounding"
     for mode in MODES[1:]:
         loss_fn = c["loss_fn_axis"](AXIS[mode]) if "loss_fn_axis" in c and mode in AXIS else c["loss_fn"]
-        state, traces, info = run_mode(mode, loss_fn, tx, c["params"], c["batches"], eight_devices, **kw)
+        traj, on_step = trajectory()
+        state, traces, info = run_mode(mode, loss_fn, tx, c["params"], c["batches"], eight_devices, **kw,
+                                       on_step=on_step)
         assert traces == 1, f"{mode} retraced: {traces}"
+        if nm:  # a different mask is reported as such, before the values it changes
+            assert_same_nm_masks(ref_traj[:-1], traj[:-1], what=f"{case}/{mode}", **nm)
         assert_close(ref.params, state.params, what=f"{case}/{mode} params", **tol)
         assert_close(ref.opt_state, state.opt_state, what=f"{case}/{mode} opt_state",
                      **({**tol, "atol": 1e-6} if tol else {}))
@@ -182,7 +231,7 @@ def test_fsdp_shards_method_state_like_params(eight_devices):
     from jaxlab.distributed import make_mesh
     from jaxlab.training import TrainState, state_shardings
 
-    c = _nm_case(lambda: step_adamw(LR, switch_eps=0.0, t_min=1, t_max=2, window=4, **NM))
+    c = method_case("step", switch_eps=0.0, t_min=1, t_max=2, window=4)
     mesh = make_mesh(data=1, fsdp=8, devices=eight_devices)
     state = TrainState.create(params=c["params"], tx=c["tx"], rng=0)
     sh = state_shardings(jax.eval_shape(lambda: state), c["tx"], mesh)

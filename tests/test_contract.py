@@ -24,7 +24,8 @@ The checks (each compares against a manual computation or asserts a property, so
 7. ``sharding``: on an 8-device mesh, params sharded over ``fsdp``; after init and after jitted updates the
    opt-state leaves that mirror a param (same key-path suffix and shape) keep that param's sharding.
 
-Plus a toy method registered in one line, run through every check and through ``jaxlab train``.
+Plus a toy method registered in one line, run through every check, the composition matrix
+(tests/test_composition.py) and ``jaxlab train``.
 """
 
 from __future__ import annotations
@@ -500,7 +501,7 @@ def toy_method():
         _REFERENCE.pop(TOY, None)
 
 
-def test_one_line_method_runs_the_contract_and_jaxlab_train(toy_method, tmp_path):
+def test_one_line_method_runs_the_contract_composition_and_jaxlab_train(toy_method, tmp_path, eight_devices):
     missing = missing_cases(CONTRACT_CASES)
     assert missing == [toy_method], "the coverage test must flag a newly registered method"
     assert toy_method in _missing_message(missing)
@@ -509,6 +510,11 @@ def test_one_line_method_runs_the_contract_and_jaxlab_train(toy_method, tmp_path
     name, hyper = cases[-1]
     for check in CONTRACT_CHECKS.values():
         check(name, hyper)
+
+    # the composition matrix: single device == pmap == mesh DP == mesh FSDP == shard_map, one trace each
+    from test_composition import check_all_modes_agree, method_case
+
+    check_all_modes_agree(name, method_case(name, **hyper), eight_devices)
 
     cfg = load_config(base=TOY_RUN, sets=[f"out_dir={tmp_path}"])
     state, _ = train(cfg, devices=jax.devices()[:1])
