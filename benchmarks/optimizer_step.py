@@ -1,12 +1,14 @@
 """Optimizer update time of the N:M transforms relative to ``optax.adamw`` on the transformer's params.
 
 For each optimizer the jitted ``tx.update(grads, state, params)`` followed by ``optax.apply_updates``
-is timed on the parameters of :class:`jaxlab.nn.Transformer` (N:M on every block projection, the
-default leaf filter). Timed: ``optax.adamw`` (baseline), ``step_adamw`` in phase 1 and in phase 2
-(the state's phase forced to 1), ``ste_adamw``, ``sr_ste_adamw`` and ``asp_adamw`` (before and
-after pruning). Methods are interleaved within each repetition so that load on a shared machine
-hits all of them alike; the reported time is the median over repetitions of the mean over ``--inner``
-back-to-back updates; ratios divide by adamw's median from the same run.
+is timed on the parameters of :class:`jaxlab.nn.Transformer` (N:M on every block projection).
+Every optimizer is built through the method registry (``get_method(name).make(lr, common=...)``,
+as ``jaxlab train`` and the experiments build them). Timed: ``adamw`` (``optax.adamw``, the
+baseline), ``step`` (``step_adamw``) in phase 1 and in phase 2 (the state's phase forced to 1),
+``ste``, ``sr_ste`` and ``asp`` (before and after pruning); rows are labelled by the factory.
+Methods are interleaved within each repetition so that load on a shared machine hits all of them
+alike; the reported time is the median over repetitions of the mean over ``--inner`` back-to-back
+updates; ratios divide by adamw's median from the same run.
 
     python benchmarks/optimizer_step.py [--quick] [--d-model 512 --layers 4]
 
@@ -35,8 +37,8 @@ import numpy as np
 import optax
 
 from jaxlab.nn.transformer import Transformer, TransformerConfig
-from jaxlab.transforms import StepState, asp_adamw, sr_ste_adamw, ste_adamw, step_adamw
-from jaxlab.transforms._tree import path_filter
+from jaxlab.training.methods import get_method
+from jaxlab.transforms import StepState
 
 
 def _force(state, cls, **fields):
@@ -50,17 +52,21 @@ def build(args):
                             d_ff=4 * args.d_model, max_len=128)
     params = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype) * 1e-2, params)
-    sp = dict(n=2, m=4, sparsify=path_filter(r"block_\d+/(attn|mlp)/\w+/kernel$"))
-    lr = 1e-3
-    opts = {
-        "adamw": (optax.adamw(lr, weight_decay=0.0), None),
-        "step_adamw phase 1": (step_adamw(lr, switch_eps=0.0, t_min=10**6, t_max=10**6, **sp), 0),
-        "step_adamw phase 2": (step_adamw(lr, switch_eps=0.0, t_min=10**6, t_max=10**6, **sp), 1),
-        "ste_adamw": (ste_adamw(lr, **sp), None),
-        "sr_ste_adamw": (sr_ste_adamw(lr, **sp), None),
-        "asp_adamw (dense part)": (asp_adamw(lr, prune_step=10**6, **sp), None),
-        "asp_adamw (pruned)": (asp_adamw(lr, prune_step=1, **sp), None),
-    }
+    # N:M on the block projections (a regex, applied by the registry through jaxlab.transforms.path_filter);
+    # the embeddings and the unembedding stay dense. n/m/sparsify reach only the N:M methods.
+    common = dict(weight_decay=0.0, n=2, m=4, sparsify=r"block_\d+/(attn|mlp)/\w+/kernel$")
+    never = dict(switch_eps=0.0, t_min=10**6, t_max=10**6)  # STEP's phase is forced below
+    rows = [  # (label: the factory behind the registry name, registry name, hyper-parameters, forced phase)
+        ("adamw", "adamw", {}, None),
+        ("step_adamw phase 1", "step", never, 0),
+        ("step_adamw phase 2", "step", never, 1),
+        ("ste_adamw", "ste", {}, None),
+        ("sr_ste_adamw", "sr_ste", {}, None),
+        ("asp_adamw (dense part)", "asp", {"prune_step": 10**6}, None),
+        ("asp_adamw (pruned)", "asp", {"prune_step": 1}, None),
+    ]
+    opts = {label: (get_method(name).make(1e-3, common=common, **hyper), phase)
+            for label, name, hyper, phase in rows}
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return params, grads, opts, n_params
 

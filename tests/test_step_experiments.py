@@ -29,6 +29,8 @@ def test_step_digits_quick(tmp_path):
         if meth in ("ste", "sr_ste", "step"):  # trained with the sparse forward: deployment is the same model
             np.testing.assert_allclose(r["deployed_acc"], r["test_acc"])
     assert json.loads((tmp_path / "results.json").read_text())["command"].startswith("jaxlab reproduce step_digits")
+    report = (tmp_path / "report.md").read_text()  # the statistics convention is named; the paired table exists
+    assert "sample std (ddof=1)" in report and "step − sr_ste (paired 95 % CI)" in report
 
 
 @pytest.mark.slow
@@ -42,3 +44,5 @@ def test_step_lm_quick(tmp_path):
     for (meth, _, _), r in res.items():
         if meth in ("ste", "sr_ste", "step"):
             np.testing.assert_allclose(r["deployed_bpb"], r["val_bpb"], rtol=1e-5)
+    report = (tmp_path / "report.md").read_text()
+    assert "sample std (ddof=1)" in report and "step − sr_ste (paired 95 % CI)" in report

@@ -1,17 +1,17 @@
 """Fast check of the N:M optimizers: an MLP on scikit-learn's digits (8x8 images, 10 classes).
 
-Same grid as ``step_lm`` (dense / ASP / STE / SR-STE / STEP at 2:4, 1:4, 1:8, seeds vmapped, same
-number of Adam steps for all), but a classifier that trains in seconds. Reports test accuracy and
-cross-entropy (mean +- std over seeds), STEP's switch step, and the deployed hard-pruned model.
+Same grid as ``step_lm`` (dense / ASP / STE / SR-STE / STEP at 2:4, 1:4, 1:8, the same number of Adam
+steps for all, paired seeds vmapped) on a classifier that trains in seconds. Training, seeds and
+statistics come from :mod:`jaxlab.training.experiment`, the optimizers from the method registry
+("dense" is the registry's ``adamw``). Reports test accuracy and cross-entropy (mean ± sample std),
+paired differences (STEP − SR-STE, each sparse method − dense, 95 % t-intervals), STEP's switch
+step, the deployed hard-pruned model and the dense model pruned one-shot.
 
-    jaxlab reproduce step_digits [--quick] [--seeds K] [--out DIR]
+    jaxlab reproduce step_digits [--quick] [--seeds K] [--steps N] [--out DIR] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -19,23 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
-from tqdm.auto import tqdm
 
 from jaxlab.nm import nm_leaf_axes, nm_mask
-from jaxlab.transforms import (
-    asp_adamw,
-    prune,
-    sparse_forward_params,
-    sr_ste_adamw,
-    ste_adamw,
-    step_adamw,
-    step_statistics,
+from jaxlab.training.experiment import (
+    markdown_table,
+    mean_std,
+    paired_difference,
+    run_training,
+    setup,
+    std_note,
 )
-from jaxlab.transforms._tree import map_leaves, path_filter
-
-HERE = Path(__file__).resolve().parent
-METHODS = ("dense", "asp", "ste", "sr_ste", "step")
+from jaxlab.training.methods import get_method, make_schedule
+from jaxlab.transforms import map_leaves, path_filter, prune, step_statistics
 
 
 class MLP(nn.Module):
@@ -51,13 +46,6 @@ class MLP(nn.Module):
         return nn.Dense(10, name="head")(x)
 
 
-def load_config(quick: bool) -> dict:
-    cfg = yaml.safe_load((HERE / "config.yaml").read_text())
-    for section, vals in cfg.pop("quick", {}).items() if quick else ():
-        cfg[section].update(vals)
-    return cfg
-
-
 def load_digits_split(test_fraction: float, split_seed: int):
     """Standardised digits features with a fixed stratified split (``sklearn.model_selection``)."""
     from sklearn.datasets import load_digits
@@ -70,146 +58,120 @@ def load_digits_split(test_fraction: float, split_seed: int):
     return (xtr - mu) / sd, ytr.astype(np.int32), (xte - mu) / sd, yte.astype(np.int32)
 
 
-def make_tx(method, n, m, cfg):
-    o, steps = cfg["optim"], cfg["train"]["steps"]
-    lr = optax.cosine_decay_schedule(o["lr"], steps, o["final_lr_frac"])
-    adam = dict(b1=o["b1"], b2=o["b2"], eps=o["eps"], weight_decay=o["weight_decay"])
-    sp = dict(n=n, m=m, sparsify=path_filter(cfg["sparsify_regex"]))
-    if method == "dense":
-        return optax.adamw(lr, **adam)
-    if method == "asp":
-        return asp_adamw(lr, prune_step=max(1, int(cfg["asp"]["prune_frac"] * steps)), **adam, **sp)
-    if method == "ste":
-        return ste_adamw(lr, **adam, **sp)
-    if method == "sr_ste":
-        return sr_ste_adamw(lr, sr_ste_lambda=cfg["sr_ste_lambda"], **adam, **sp)
-    s = cfg["step"]
-    return step_adamw(
-        lr, switch_eps=s["switch_eps"], t_min=int(s["t_min_frac"] * steps), t_max=int(s["t_max_frac"] * steps),
-        window=s.get("window"), sr_ste_lambda=cfg["sr_ste_lambda"], **adam, **sp,
+def one_shot(params, n: int, m: int, pattern: str):
+    """Magnitude N:M mask on the leaves whose slash path matches ``pattern`` (a dense model, no fine-tuning)."""
+    axes = nm_leaf_axes(params, m, sparsify=path_filter(pattern), n=n)
+    return map_leaves(lambda _, ax, w: w if ax is None else w * nm_mask(w, n, m, ax), axes, params)
+
+
+def optimizer(label: str, n: int, m: int, cfg: dict):
+    """The registry method behind a table row and its optimizer (``dense`` = ``adamw``)."""
+    o, steps, st = cfg["optim"], cfg["train"]["steps"], cfg["step"]
+    lr = make_schedule(o["lr"], schedule="cosine", total_steps=steps, final_fraction=o["final_lr_frac"])
+    hyper = {
+        "asp": {"prune_step": max(1, int(cfg["asp"]["prune_frac"] * steps))},
+        "sr_ste": {"sr_ste_lambda": cfg["sr_ste_lambda"]},
+        "step": {"switch_eps": st["switch_eps"], "t_min": int(st["t_min_frac"] * steps),
+                 "t_max": int(st["t_max_frac"] * steps), "window": st.get("window"),
+                 "sr_ste_lambda": cfg["sr_ste_lambda"]},
+    }.get(label, {})
+    common = {k: o[k] for k in ("b1", "b2", "eps", "weight_decay")}
+    common.update(n=n, m=m, sparsify=cfg["sparsify_regex"])  # the registry turns the regex into path_filter
+    method = get_method("adamw" if label == "dense" else label)
+    return method, method.make(lr, common=common, **hyper)
+
+
+def run_setting(label, n, m, cfg, model, data, seeds) -> dict:
+    xtr, ytr, xte, yte = (jnp.asarray(a) for a in data)
+    method, tx = optimizer(label, n, m, cfg)
+
+    def scores(params, x, y):
+        logits = model.apply({"params": params}, x)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.mean(ce), jnp.mean(logits.argmax(-1) == y)
+
+    def loss_fn(params, batch, key):
+        loss, acc = scores(params, *batch)
+        return loss, {"acc": acc}
+
+    def batch_fn(key):
+        idx = jax.random.randint(key, (cfg["train"]["batch"],), 0, xtr.shape[0])
+        return xtr[idx], ytr[idx]
+
+    res = run_training(
+        loss_fn, tx, lambda key: model.init(key, xtr[:1])["params"], batch_fn,
+        steps=cfg["train"]["steps"], seeds=seeds, forward_params_fn=method.forward_params_fn,
+        record_fn=(lambda st: step_statistics(st.opt_state)) if label == "step" else None,
+        desc=f"{label} {n}:{m}",
     )
 
-
-def run_setting(method, n, m, cfg, data, seeds, pbar=None):
-    tr = cfg["train"]
-    model = MLP(**cfg["model"])
-    tx = make_tx(method, n, m, cfg)
-    forward = (lambda p, s: p) if method == "dense" else sparse_forward_params
-    xtr, ytr, xte, yte = (jnp.asarray(a) for a in data)
-
-    def ce(params, x, y):
-        logits = model.apply({"params": params}, x)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), jnp.mean(logits.argmax(-1) == y)
-
-    def init(key):
-        params = model.init(key, xtr[:1])["params"]
-        return params, tx.init(params)
-
-    def one_step(carry, key):
-        params, opt = carry
-        idx = jax.random.randint(key, (tr["batch"],), 0, xtr.shape[0])
-        loss, g = jax.value_and_grad(lambda p: ce(forward(p, opt), xtr[idx], ytr[idx])[0])(params)
-        u, opt = tx.update(g, opt, params)
-        z = step_statistics(opt)["z"] if method == "step" else jnp.zeros([], jnp.float32)
-        ph = step_statistics(opt)["phase"] if method == "step" else jnp.zeros([], jnp.int32)
-        return (optax.apply_updates(params, u), opt), (loss, z, ph)
-
     @jax.jit
-    def train(keys):
-        carry = jax.vmap(init)(keys[:, 0])
-        return jax.vmap(lambda c, k: jax.lax.scan(one_step, c, k))(carry, keys[:, 1:])
+    @jax.vmap
+    def evaluate(p, s):
+        if not method.sparse:
+            rx = cfg["sparsify_regex"]
+            shot = {f"{a}:{b}": scores(one_shot(p, a, b, rx), xte, yte)[1] for a, b in cfg["ratios"]}
+            return scores(p, xte, yte), scores(p, xte, yte), shot
+        return scores(method.forward_params_fn(p, s), xte, yte), scores(prune(p, s), xte, yte), {}
 
-    @jax.jit
-    def evaluate(params, opt):
-        def one(p, s):
-            deployed = p if method == "dense" else prune(p, s)
-            oneshot = {}
-            if method == "dense":
-                for a, b in cfg["ratios"]:
-                    axes = nm_leaf_axes(p, b, sparsify=path_filter(cfg["sparsify_regex"]), n=a)
-                    q = map_leaves(lambda _, ax, w, a=a, b=b: w if ax is None else w * nm_mask(w, a, b, ax), axes, p)
-                    oneshot[f"{a}:{b}"] = ce(q, xte, yte)[1]
-            return ce(forward(p, s), xte, yte), ce(deployed, xte, yte), oneshot
-        return jax.vmap(one)(params, opt)
-
-    keys = jnp.stack([jax.random.split(jax.random.PRNGKey(100 + s), tr["steps"] + 1) for s in range(seeds)])
-    t0 = time.perf_counter()
-    (params, opt), (loss, z, ph) = train(keys)
-    jax.block_until_ready(params)
-    seconds = time.perf_counter() - t0
-    (te_loss, te_acc), (dep_loss, dep_acc), oneshot = evaluate(params, opt)
-    if pbar is not None:
-        pbar.update(1)
-        pbar.set_postfix_str(f"{method} {n}:{m} acc {float(np.mean(te_acc)):.3f}", refresh=False)
-    ph = np.asarray(ph)
+    scored = jax.device_get(evaluate(res.state.params, res.state.opt_state))
+    (te_loss, te_acc), (dep_loss, dep_acc), shot = scored
+    tr = res.trace
     return {
-        "method": method, "n": n, "m": m, "seeds": seeds,
-        "test_acc": np.asarray(te_acc).tolist(), "test_loss": np.asarray(te_loss).tolist(),
-        "deployed_acc": np.asarray(dep_acc).tolist(), "deployed_loss": np.asarray(dep_loss).tolist(),
-        "oneshot_acc_by_ratio": {k: np.asarray(v).tolist() for k, v in oneshot.items()} or None,
-        "switch_step": [int(np.argmax(p > 0)) + 1 if p.any() else -1 for p in ph] if method == "step" else None,
-        "z_trace": np.asarray(z)[0].tolist() if method == "step" else None,
-        "seconds": seconds,
+        "method": label, "n": n, "m": m, "seeds": len(te_acc),
+        "test_acc": te_acc.tolist(), "test_loss": te_loss.tolist(),
+        "deployed_acc": dep_acc.tolist(), "deployed_loss": dep_loss.tolist(),
+        "oneshot_acc_by_ratio": {k: v.tolist() for k, v in shot.items()} or None,
+        "switch_step": tr["switch_step"][:, -1].tolist() if label == "step" else None,
+        "z_trace": tr["z"][0].tolist() if label == "step" else None,
+        "zbar_trace": tr["zbar"][0].tolist() if label == "step" else None,
+        "seconds": res["seconds"],
     }
 
 
-def _ms(xs, scale=1.0, digits=2) -> str:
-    xs = np.asarray(xs, np.float64) * scale
-    sd = xs.std(ddof=1) if xs.size > 1 else 0.0
-    return f"{xs.mean():.{digits}f} ± {sd:.{digits}f}"
+def report(exp, results: list[dict], cfg: dict) -> str:
+    k, tr = exp.seeds, cfg["train"]
+    by = {(r["method"], r["n"], r["m"]): r for r in results}
+    dense = next(r for r in results if r["method"] == "dense")
+    sparse = [x for x in cfg["methods"] if x != "dense"]
+    rows = [["dense", "—", mean_std(dense["test_acc"], 100), mean_std(dense["test_loss"], 1, 3), "(dense)",
+             "—"]]
+    for r in results:
+        if r is not dense:
+            sw = "—" if r["switch_step"] is None else ", ".join(map(str, r["switch_step"]))
+            rows.append([r["method"], f"{r['n']}:{r['m']}", mean_std(r["test_acc"], 100),
+                         mean_std(r["test_loss"], 1, 3), mean_std(r["deployed_acc"], 100), sw])
+    pairs = [(x, "dense") for x in sparse]
+    if {"step", "sr_ste"} <= set(sparse):
+        pairs.insert(0, ("step", "sr_ste"))
 
+    def acc(meth, n, m):
+        return (dense if meth == "dense" else by[meth, n, m])["test_acc"]
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="runs/step_digits")
-    p.add_argument("--seeds", type=int, default=None)
-    args = p.parse_args(argv)
-    cfg = load_config(args.quick)
-    seeds = args.seeds or cfg["seeds"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_digits_split(cfg["data"]["test_fraction"], cfg["data"]["split_seed"])
-    settings = [("dense", 2, 4)] + [(meth, n, m) for n, m in cfg["ratios"] for meth in METHODS[1:]]
-    results = []
-    with tqdm(total=len(settings), desc="step_digits", unit="setting") as pbar:
-        for meth, n, m in settings:
-            results.append(run_setting(meth, n, m, cfg, data, seeds, pbar))
-    command = "jaxlab reproduce step_digits" + (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds else "")
-    from jaxlab.training.report import markdown_table
-
-    dense = results[0]
-    rows = [["dense", "—", _ms(dense["test_acc"], 100), _ms(dense["test_loss"], 1, 3), "(dense)", "—"]]
-    for r in results[1:]:
-        sw = "—" if r["switch_step"] is None else ", ".join(map(str, r["switch_step"]))
-        rows.append([r["method"], f"{r['n']}:{r['m']}", _ms(r["test_acc"], 100), _ms(r["test_loss"], 1, 3),
-                     _ms(r["deployed_acc"], 100), sw])
-    oneshot = [[f"{n}:{m}", _ms(dense["oneshot_acc_by_ratio"][f"{n}:{m}"], 100)] for n, m in cfg["ratios"]]
-    tr = cfg["train"]
-    text = "\n".join([
-        "# step_digits: N:M sparse training of an MLP on scikit-learn digits",
+    paired = [[f"{n}:{m}"] + [paired_difference(acc(a, n, m), acc(b, n, m), 100, 2)["text"] for a, b in pairs]
+              for n, m in cfg["ratios"]]
+    shot = [[f"{n}:{m}", mean_std(dense["oneshot_acc_by_ratio"][f"{n}:{m}"], 100)] for n, m in cfg["ratios"]]
+    return "\n".join(exp.header("step_digits: N:M sparse training of an MLP on scikit-learn digits") + [
+        f"MLP {cfg['model']}, {tr['steps']} Adam steps of batch {tr['batch']}, {k} paired seeds (same init "
+        f"and batches for every method); N:M on `{cfg['sparsify_regex']}`; test split "
+        f"{cfg['data']['test_fraction']} (seed {cfg['data']['split_seed']}).",
         "",
-        f"Command: `{command}`",
+        f"Test accuracy and cross-entropy, {std_note(k)}; deployed = `jaxlab.prune` of the trained params:",
         "",
-        f"MLP {cfg['model']}, {tr['steps']} Adam steps of batch {tr['batch']}, {seeds} seeds; N:M on "
-        f"`{cfg['sparsify_regex']}`; test split {cfg['data']['test_fraction']} (seed {cfg['data']['split_seed']}).",
+        markdown_table(["method", "N:M", "test acc % (mean ± std)", "test CE (mean ± std)",
+                        "deployed acc % (mean ± std)", "STEP switch step (per seed)"], rows),
         "",
-        markdown_table(["method", "N:M", "test acc %", "test CE", "deployed (pruned) acc %", "STEP switch step"], rows),
+        f"Paired differences of test accuracy in percentage points over {k} seeds: mean [95 % t-interval]:",
         "",
-        "Dense model pruned one-shot by magnitude, no fine-tuning:",
+        markdown_table(["N:M"] + [f"{a} − {b} (paired 95 % CI)" for a, b in pairs], paired),
         "",
-        markdown_table(["N:M", "test acc %"], oneshot),
+        f"Dense model pruned one-shot by magnitude, no fine-tuning ({std_note(k)}):",
         "",
+        markdown_table(["N:M", "test acc % (mean ± std)"], shot),
     ])
-    (out / "report.md").write_text(text)
-    payload = {"config": cfg, "results": results, "command": command}
-    (out / "results.json").write_text(json.dumps(payload, indent=1))
-    _plot(out, results, cfg)
-    print(text)
-    return payload
 
 
-def _plot(out: Path, results, cfg) -> None:
+def plot(out: Path, results: list[dict], cfg: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,16 +179,13 @@ def _plot(out: Path, results, cfg) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     ax = axes[0]
-    window = cfg["step"].get("window") or int(round(1.0 / (1.0 - cfg["optim"]["b2"])))
-    for i, r in enumerate(x for x in results if x["method"] == "step"):
+    r = next((x for x in results if x["method"] == "step"), None)
+    if r is not None:  # phase 1 is dense AdamW: the Z_t trace of seed 0 is the same at every ratio
         t0 = r["switch_step"][0]
-        z = np.asarray(r["z_trace"])[:t0]  # measured in phase 1 only; identical across ratios
-        t = np.arange(1, len(z) + 1)
-        zbar = np.array([z[max(0, k - window + 1) : k + 1].mean() for k in range(len(z))])
-        ax.semilogy(t, z, color=f"C{i}", lw=0.8, alpha=0.6, label="Z_t")
-        ax.semilogy(t, zbar, color=f"C{i}", lw=2, label=f"Zbar_t (window {window})")
-        ax.axvline(t0, color=f"C{i}", ls="--", lw=1)
-        break
+        t = np.arange(1, t0 + 1)
+        ax.semilogy(t, r["z_trace"][:t0], color="C0", lw=0.8, alpha=0.6, label="Z_t")
+        ax.semilogy(t, r["zbar_trace"][:t0], color="C0", lw=2, label="Zbar_t")
+        ax.axvline(t0, color="C0", ls="--", lw=1)
     ax.axhline(cfg["step"]["switch_eps"], color="k", ls=":", lw=1, label="switch_eps")
     ax.set_xlabel("step t")
     ax.set_ylabel("Z_t")
@@ -234,19 +193,33 @@ def _plot(out: Path, results, cfg) -> None:
     ax.legend(fontsize=8)
     ax = axes[1]
     ratios = [f"{n}:{m}" for n, m in cfg["ratios"]]
-    x = np.arange(len(ratios))
+    pos = np.arange(len(ratios))
     ax.axhline(100 * np.mean(results[0]["test_acc"]), color="k", ls="--", label="dense")
-    for j, meth in enumerate(METHODS[1:]):
-        rs = [next(r for r in results if r["method"] == meth and f"{r['n']}:{r['m']}" == k) for k in ratios]
-        ax.errorbar(x + 0.06 * (j - 1.5), [100 * np.mean(r["test_acc"]) for r in rs],
-                    yerr=[100 * np.std(r["test_acc"], ddof=1) if len(r["test_acc"]) > 1 else 0 for r in rs],
-                    marker="o", capsize=3, label=meth)
-    ax.set_xticks(x, ratios)
-    ax.set_ylabel("test accuracy %")
+    for j, meth in enumerate(cfg["methods"][1:]):
+        acc = [100 * np.asarray(r["test_acc"]) for k in ratios for r in results
+               if r["method"] == meth and f"{r['n']}:{r['m']}" == k]
+        ax.errorbar(pos + 0.06 * (j - 1.5), [a.mean() for a in acc],
+                    yerr=[a.std(ddof=1) if a.size > 1 else 0 for a in acc], marker="o", capsize=3, label=meth)
+    ax.set_xticks(pos, ratios)
+    ax.set_ylabel("test accuracy % (bars: sample std)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "digits.png", dpi=120)
     plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    exp = setup(__file__, argv, description=__doc__)
+    cfg = exp.cfg
+    if cfg["methods"][0] != "dense":
+        raise ValueError(f"step_digits: methods must start with 'dense' (the reference); got {cfg['methods']}")
+    data = load_digits_split(cfg["data"]["test_fraction"], cfg["data"]["split_seed"])
+    model = MLP(**cfg["model"])
+    settings = [("dense", 2, 4)] + [(x, n, m) for n, m in cfg["ratios"] for x in cfg["methods"][1:]]
+    results = [run_setting(x, n, m, cfg, model, data, exp.seeds) for x, n, m in settings]
+    payload = exp.write(report(exp, results, cfg), {"results": results})
+    plot(exp.out, results, cfg)
+    return payload
 
 
 if __name__ == "__main__":

@@ -2,283 +2,213 @@
 
 A small decoder-only transformer (:class:`jaxlab.nn.Transformer`) is trained with Adam(W) on the
 byte corpus of :func:`jaxlab.data.load_stdlib_corpus` under the same token budget for every method
-and N:M ratio (2:4, 1:4, 1:8); seeds are trained together with ``vmap``. The paper's claim tested:
-under Adam, SR-STE/ASP fall behind dense and further with sparsity, STEP closes most of the gap.
+and N:M ratio (2:4, 1:4, 1:8). Training, paired seeds (same init and batches for every method) and
+statistics come from :mod:`jaxlab.training.experiment`, the optimizers from the method registry
+("dense" is the registry's ``adamw``). The paper's claim tested: under Adam, SR-STE/ASP fall behind
+dense and further with sparsity, STEP closes most of the gap.
 
-    jaxlab reproduce step_lm [--quick] [--seeds K] [--out DIR]
-    python experiments/step_lm/run.py --quick
+    jaxlab reproduce step_lm [--quick] [--seeds K] [--steps N] [--out DIR] [--set KEY=VALUE]
+    jaxlab reproduce step_lm --set 'methods=[dense, sr_ste, step]'      # a subset of the rows
 
-Writes ``DIR/results.json``, ``DIR/report.md`` (validation bits/byte mean +- std, STEP's switch
-step, deployed hard-pruned loss) and ``DIR/z_trace.png``, ``DIR/bpb_vs_sparsity.png``.
+Writes ``DIR/results.json``, ``DIR/report.md`` (validation bits/byte mean ± sample std, paired
+differences with 95 % intervals, STEP's switch step, deployed hard-pruned loss) and
+``DIR/z_trace.png``, ``DIR/bpb_vs_sparsity.png``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import yaml
-from tqdm.auto import tqdm
 
 from jaxlab.data.text import eval_windows, load_stdlib_corpus, random_windows
 from jaxlab.nm import nm_leaf_axes, nm_mask
 from jaxlab.nn.transformer import Transformer, TransformerConfig, causal_lm_loss
-from jaxlab.transforms import (
-    asp_adamw,
-    prune,
-    sparse_forward_params,
-    sr_ste_adamw,
-    ste_adamw,
-    step_adamw,
-    step_statistics,
-)
-from jaxlab.transforms._tree import map_leaves, path_filter
+from jaxlab.training.experiment import mean_std, paired_difference, run_training, setup, std_note
+from jaxlab.training.methods import get_method, make_schedule
+from jaxlab.training.report import markdown_table
+from jaxlab.transforms import map_leaves, path_filter, prune, step_statistics
 
-HERE = Path(__file__).resolve().parent
-METHODS = ("dense", "asp", "ste", "sr_ste", "step")
 LN2 = math.log(2.0)
 
 
-def load_config(quick: bool) -> dict:
-    cfg = yaml.safe_load((HERE / "config.yaml").read_text())
-    quick_over = cfg.pop("quick", {})
-    if quick:
-        for section, vals in quick_over.items():
-            cfg[section].update(vals) if isinstance(vals, dict) else cfg.__setitem__(section, vals)
-    return cfg
-
-
-def sparsify_filter(cfg):
-    return path_filter(cfg["sparsify_regex"])
-
-
-def make_tx(method: str, n: int, m: int, cfg: dict):
+def make_optimizer(label: str, n: int, m: int, cfg: dict):
+    """``(method, tx)`` for one table row; "dense" is ``adamw``, the rest are registry names."""
     o, steps = cfg["optim"], cfg["train"]["steps"]
-    lr = optax.warmup_cosine_decay_schedule(0.0, o["lr"], o["warmup"], steps, o["lr"] * o["final_lr_frac"])
-    adam = dict(b1=o["b1"], b2=o["b2"], eps=o["eps"], weight_decay=o["weight_decay"])
-    sp = dict(n=n, m=m, sparsify=sparsify_filter(cfg))
-    if method == "dense":
-        return optax.adamw(lr, **adam)
-    if method == "asp":
-        return asp_adamw(lr, prune_step=max(1, int(cfg["asp"]["prune_frac"] * steps)), **adam, **sp)
-    if method == "ste":
-        return ste_adamw(lr, **adam, **sp)
-    if method == "sr_ste":
-        return sr_ste_adamw(lr, sr_ste_lambda=cfg["sr_ste_lambda"], **adam, **sp)
-    if method == "step":
+    schedule = make_schedule(o["lr"], schedule="cosine", warmup_steps=o["warmup"], total_steps=steps,
+                             final_fraction=o["final_lr_frac"])
+    extra: dict = {}
+    if label in ("sr_ste", "step"):
+        extra["sr_ste_lambda"] = cfg["sr_ste_lambda"]
+    if label == "asp":
+        extra["prune_step"] = max(1, int(cfg["asp"]["prune_frac"] * steps))
+    if label == "step":
         s = cfg["step"]
-        return step_adamw(
-            lr, switch_eps=s["switch_eps"], t_min=int(s["t_min_frac"] * steps), t_max=int(s["t_max_frac"] * steps),
-            window=s.get("window"), sr_ste_lambda=cfg["sr_ste_lambda"], **adam, **sp,
-        )
-    raise ValueError(f"unknown method {method!r}")
+        extra.update(switch_eps=s["switch_eps"], window=s.get("window"),
+                     t_min=int(s["t_min_frac"] * steps), t_max=int(s["t_max_frac"] * steps))
+    method = get_method("adamw" if label == "dense" else label)
+    shared = dict(b1=o["b1"], b2=o["b2"], eps=o["eps"], weight_decay=o["weight_decay"],
+                  n=n, m=m, sparsify=cfg["sparsify_regex"])  # a regex: the registry applies path_filter
+    return method, method.make(schedule, common=shared, **extra)
 
 
 def oneshot_prune(params, n, m, cfg):
     """Magnitude N:M pruning of the same leaves (for the dense model's 'prune without training' row)."""
-    axes = nm_leaf_axes(params, m, sparsify=sparsify_filter(cfg), n=n)
-    return map_leaves(lambda p, a, w: w if a is None else w * nm_mask(w, n, m, a), axes, params)
+    axes = nm_leaf_axes(params, m, sparsify=path_filter(cfg["sparsify_regex"]), n=n)
+    return map_leaves(lambda path, ax, w: w * nm_mask(w, n, m, ax) if ax is not None else w, axes, params)
 
 
-def run_setting(method, n, m, cfg, data, seeds, model, pbar=None):
-    """Train ``seeds`` models (vmapped) for one method/ratio; return per-seed metrics and traces."""
+def run_setting(label, n, m, cfg, data, seeds, model) -> dict:
+    """Train ``seeds`` paired models (vmapped) for one method/ratio; per-seed metrics and STEP's traces."""
     tr = cfg["train"]
-    steps, chunk = tr["steps"], tr["chunk"]
-    tx = make_tx(method, n, m, cfg)
-    forward = (lambda p, s: p) if method == "dense" else sparse_forward_params
-    train_data = jnp.asarray(data["train"])
-    dummy = jnp.zeros((1, tr["seq_len"]), jnp.int32)
+    method, tx = make_optimizer(label, n, m, cfg)
+    train_data, val = jnp.asarray(data["train"]), jnp.asarray(data["val_windows"])
 
-    def init(key):
-        params = nn.meta.unbox(model.init(key, dummy)["params"])
-        return params, tx.init(params)
+    def nats(params, tokens):
+        return causal_lm_loss(model.apply({"params": params}, tokens), tokens)
 
-    def loss_at(params, batch):
-        return causal_lm_loss(model.apply({"params": params}, batch), batch)
+    def bits(params, tokens):
+        return nats(params, tokens) / LN2
 
-    def one_step(carry, key):
-        params, opt = carry
-        batch = random_windows(train_data, key, tr["batch"], tr["seq_len"])
-        loss, g = jax.value_and_grad(lambda p: loss_at(forward(p, opt), batch))(params)
-        u, opt = tx.update(g, opt, params)
-        params = optax.apply_updates(params, u)
-        if method == "step":
-            st = step_statistics(opt)
-            z, phase = st["z"], st["phase"]
-        else:
-            z, phase = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
-        return (params, opt), (loss, z, phase)
+    res = run_training(
+        lambda p, batch, key: (nats(p, batch), {}),
+        tx,
+        lambda key: nn.meta.unbox(model.init(key, jnp.zeros((1, tr["seq_len"]), jnp.int32))["params"]),
+        lambda key: random_windows(train_data, key, tr["batch"], tr["seq_len"]),
+        steps=tr["steps"], seeds=seeds, chunk=tr["chunk"], desc=f"step_lm {label} {n}:{m}",
+        forward_params_fn=method.forward_params_fn,
+        record_fn=(lambda st: step_statistics(st.opt_state)) if label == "step" else None,
+    )
 
-    @jax.jit
-    def run_chunk(carry, keys):  # keys: (seeds, chunk, 2)
-        return jax.vmap(lambda c, k: jax.lax.scan(one_step, c, k))(carry, keys)
+    def one(p, s):
+        if method.sparse:
+            return bits(method.forward_params_fn(p, s), val), bits(prune(p, s), val), {}
+        ref = bits(p, val)
+        return ref, ref, {f"{a}:{b}": bits(oneshot_prune(p, a, b, cfg), val) for a, b in cfg["ratios"]}
 
-    val = jnp.asarray(data["val_windows"])
-
-    @jax.jit
-    def evaluate(params, opt):
-        def one(p, s):
-            deployed = p if method == "dense" else prune(p, s)
-            oneshot = {
-                f"{a}:{b}": loss_at(oneshot_prune(p, a, b, cfg), val) / LN2 for a, b in cfg["ratios"]
-            } if method == "dense" else {}
-            return loss_at(forward(p, s), val) / LN2, loss_at(deployed, val) / LN2, oneshot
-        return jax.vmap(one)(params, opt)
-
-    seed_keys = jnp.stack([jax.random.PRNGKey(s) for s in range(seeds)])
-    carry = jax.jit(jax.vmap(init))(seed_keys)
-    step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, 1), steps))(seed_keys)
-    losses, zs, phases = [], [], []
-    t0 = time.perf_counter()
-    for c0 in range(0, steps, chunk):
-        carry, (loss, z, phase) = run_chunk(carry, step_keys[:, c0 : c0 + chunk])
-        losses.append(np.asarray(loss))
-        zs.append(np.asarray(z))
-        phases.append(np.asarray(phase))
-        if pbar is not None:
-            pbar.update(min(chunk, steps - c0))
-            pbar.set_postfix_str(f"{method} {n}:{m} loss {float(np.mean(loss[:, -1])):.3f}", refresh=False)
-    train_s = time.perf_counter() - t0
-    fwd_bpb, deployed_bpb, oneshot = evaluate(*carry)
-    losses, zs, phases = (np.concatenate(x, axis=1) for x in (losses, zs, phases))
-    switch = [int(np.argmax(p > 0)) + 1 if p.any() else -1 for p in phases]  # 1-based step T0
-    return {
-        "method": method, "n": n, "m": m, "seeds": seeds,
-        "val_bpb": np.asarray(fwd_bpb).tolist(), "deployed_bpb": np.asarray(deployed_bpb).tolist(),
-        "oneshot_bpb_by_ratio": {k: np.asarray(v).tolist() for k, v in oneshot.items()} or None,
-        "final_train_bpb": (losses[:, -50:].mean(1) / LN2).tolist(),
-        "switch_step": switch if method == "step" else None,
-        "z_trace": zs[0].tolist() if method == "step" else None,
-        "train_seconds": train_s,
+    fwd, deployed, oneshot = jax.device_get(jax.jit(jax.vmap(one))(res.state.params, res.state.opt_state))
+    trace = res.trace
+    out = {
+        "method": label, "n": n, "m": m, "seeds": int(np.size(fwd)),
+        "val_bpb": fwd.tolist(), "deployed_bpb": deployed.tolist(),
+        "oneshot_bpb_by_ratio": {k: v.tolist() for k, v in oneshot.items()} or None,
+        "final_train_bpb": (trace["loss"][:, -50:].mean(1) / LN2).tolist(),
+        "switch_step": None, "z_trace": None, "zbar_trace": None,
+        "train_seconds": res["seconds"],
     }
+    if label == "step":  # T0 from the state's own record; Z_t / Zbar_t of seed 0
+        out.update(switch_step=trace["switch_step"][:, -1].tolist(), z_trace=trace["z"][0].tolist(),
+                   zbar_trace=trace["zbar"][0].tolist())
+    return out
 
 
-def _ms(xs) -> str:
-    xs = np.asarray(xs, np.float64)
-    return f"{xs.mean():.4f} ± {xs.std(ddof=1) if xs.size > 1 else 0.0:.4f}"
-
-
-def write_report(out: Path, results: list[dict], cfg: dict, corpus_summary: dict, argv_str: str) -> str:
-    from jaxlab.training.report import markdown_table
-
+def write_report(exp, results: list[dict], cfg: dict, corpus_summary: dict) -> str:
     dense = next((r for r in results if r["method"] == "dense"), None)
     if dense is None:
-        raise ValueError("the report needs the dense run (include 'dense' in --methods)")
-    rows = [["dense", "—", _ms(dense["val_bpb"]), "(dense)", "—", "—"]]
+        raise ValueError("the report needs the dense run: keep 'dense' in the config's methods")
+    k, tr = exp.seeds, cfg["train"]
+    ref = np.mean(dense["val_bpb"])
+    rows = [["dense", "—", mean_std(dense["val_bpb"], digits=4), "(dense)", "—", "—"]]
     for r in results:
-        if r["method"] == "dense":
-            continue
-        gap = np.mean(r["val_bpb"]) - np.mean(dense["val_bpb"])
-        sw = "—" if r["switch_step"] is None else ", ".join(str(s) for s in r["switch_step"])
-        rows.append([r["method"], f"{r['n']}:{r['m']}", _ms(r["val_bpb"]), _ms(r["deployed_bpb"]), f"{gap:+.4f}", sw])
-    oneshot = [[f"{n}:{m}", _ms(dense["oneshot_bpb_by_ratio"][f"{n}:{m}"])] for n, m in cfg["ratios"]]
-    tr = cfg["train"]
-    lines = [
-        "# step_lm: N:M sparse training of a byte-level LM (CPython stdlib sources)",
-        "",
-        f"Command: `{argv_str}`",
-        "",
+        if r is not dense:
+            switch = "—" if r["switch_step"] is None else ", ".join(map(str, r["switch_step"]))
+            rows.append([r["method"], f"{r['n']}:{r['m']}", mean_std(r["val_bpb"], digits=4),
+                         mean_std(r["deployed_bpb"], digits=4), f"{np.mean(r['val_bpb']) - ref:+.4f}", switch])
+    cell = {(r["method"], f"{r['n']}:{r['m']}"): r["val_bpb"] for r in results if r is not dense}
+    ratios = [f"{n}:{m}" for n, m in cfg["ratios"]]
+    contrasts = [(a, "dense") for a in cfg["methods"] if a != "dense"]
+    if {"step", "sr_ste"} <= set(cfg["methods"]):
+        contrasts.insert(0, ("step", "sr_ste"))
+    diff_rows = []
+    for ratio in ratios:
+        row = [ratio]
+        for a, b in contrasts:
+            other = dense["val_bpb"] if b == "dense" else cell[b, ratio]
+            row.append(paired_difference(cell[a, ratio], other, digits=4)["text"])
+        diff_rows.append(row)
+    lines = exp.header("step_lm: N:M sparse training of a byte-level LM (CPython stdlib sources)") + [
         f"Model: {cfg['model']}; batch {tr['batch']} x {tr['seq_len']} bytes, {tr['steps']} steps "
         f"({tr['batch'] * tr['seq_len'] * tr['steps']:,} training bytes per run), AdamW {cfg['optim']}; "
-        f"N:M on `{cfg['sparsify_regex']}` (reduction axis 0).",
+        f"N:M on `{cfg['sparsify_regex']}` (reduction axis 0); {k} paired seeds (same init and batches "
+        "for every method).",
         f"Corpus: {corpus_summary}.",
         "",
-        "Validation bits/byte (mean ± std over seeds; the forward each method trains with) and the",
-        "deployed hard-pruned model's bits/byte (`jaxlab.prune`); gap = mean val bpb − dense.",
+        f"Validation bits/byte ({std_note(k)}; the forward each method trains with) and the deployed",
+        "hard-pruned model's bits/byte (`jaxlab.prune`); gap = mean val bpb − mean dense val bpb.",
         "",
-        markdown_table(["method", "N:M", "val bpb", "deployed (pruned) bpb", "gap vs dense", "STEP switch step"], rows),
+        markdown_table(["method", "N:M", "val bpb (mean ± std)", "deployed bpb (mean ± std)",
+                        "gap vs dense", "STEP switch step (per seed)"], rows),
         "",
+        f"Paired differences of validation bits/byte over {k} seeds (negative: the first method is better): "
+        "mean [95 % t-interval].",
+        "",
+        markdown_table(["N:M"] + [f"{a} − {b} (paired 95 % CI)" for a, b in contrasts], diff_rows),
+        "",
+        f"Dense model pruned one-shot by magnitude, no fine-tuning (reference; {std_note(k)}):",
+        "",
+        markdown_table(["N:M", "bpb (mean ± std)"],
+                       [[q, mean_std(dense["oneshot_bpb_by_ratio"][q], digits=4)] for q in ratios]),
     ]
-    if oneshot:
-        lines += ["Dense model pruned one-shot by magnitude, no fine-tuning (reference):", "",
-                  markdown_table(["N:M", "bpb"], oneshot), ""]
-    text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    return text
+    return "\n".join(lines)
 
 
 def plot(out: Path, results: list[dict], cfg: dict) -> None:
+    """``z_trace.png`` (STEP's Z_t, Zbar_t and switch, seed 0) and ``bpb_vs_sparsity.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    window = cfg["step"].get("window") or int(round(1.0 / (1.0 - cfg["optim"]["b2"])))
-    for i, r in enumerate(x for x in results if x["method"] == "step"):
-        t0 = r["switch_step"][0]
-        z = np.asarray(r["z_trace"])[:t0]  # Z_t is only measured in phase 1 (t <= T0)
-        t = np.arange(1, len(z) + 1)
-        zbar = np.array([z[max(0, k - window + 1) : k + 1].mean() for k in range(len(z))])
-        ax.semilogy(t, z, color=f"C{i}", lw=0.8, alpha=0.6, label=f"Z_t, {r['n']}:{r['m']} (seed 0)")
-        ax.semilogy(t, zbar, color=f"C{i}", lw=2, label=f"Zbar_t (window {window})")
-        ax.axvline(t0, color=f"C{i}", ls="--", lw=1)
-        break  # phase 1 is dense AdamW: the trace is the same for every ratio (same seed and data)
-    ax.axhline(cfg["step"]["switch_eps"], color="k", ls=":", lw=1, label="switch_eps")
-    ax.set_xlabel("step t")
-    ax.set_ylabel("mean |v_t - v_{t-1}| over N:M leaves")
-    ax.set_title("STEP AutoSwitch statistic (dashed: switch step)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "z_trace.png", dpi=120)
-    plt.close(fig)
+    def save(fig, ax, name, xlabel, ylabel):
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    step = next((r for r in results if r["method"] == "step"), None)
+    if step is not None:  # phase 1 is dense AdamW: the trace is the same for every ratio (same seed and data)
+        t0 = step["switch_step"][0]  # Z_t is only measured in phase 1 (t <= T0)
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        for key, style in (("z_trace", dict(lw=0.8, alpha=0.6, label="Z_t (seed 0)")),
+                           ("zbar_trace", dict(lw=2, label="Zbar_t (ring-buffer mean)"))):
+            ax.semilogy(np.arange(1, t0 + 1), step[key][:t0], color="C0", **style)
+        ax.axvline(t0, color="C0", ls="--", lw=1)
+        ax.axhline(cfg["step"]["switch_eps"], color="k", ls=":", lw=1, label="switch_eps")
+        ax.set_title("STEP AutoSwitch statistic (dashed: switch step)")
+        save(fig, ax, "z_trace.png", "step t", "mean |v_t - v_{t-1}| over N:M leaves")
+
     ratios = [f"{n}:{m}" for n, m in cfg["ratios"]]
-    x = np.arange(len(ratios))
-    dense = next(r for r in results if r["method"] == "dense")
-    ax.axhline(np.mean(dense["val_bpb"]), color="k", ls="--", label="dense")
-    for j, meth in enumerate(m for m in METHODS if m != "dense"):
-        rs = [next(r for r in results if r["method"] == meth and f"{r['n']}:{r['m']}" == k) for k in ratios]
-        mean = [np.mean(r["val_bpb"]) for r in rs]
-        std = [np.std(r["val_bpb"], ddof=1) if len(r["val_bpb"]) > 1 else 0 for r in rs]
-        ax.errorbar(x + 0.06 * (j - 1.5), mean, yerr=std, marker="o", capsize=3, label=meth)
-    ax.set_xticks(x, ratios)
-    ax.set_xlabel("N:M")
-    ax.set_ylabel("validation bits/byte")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bpb_vs_sparsity.png", dpi=120)
-    plt.close(fig)
+    cells = {(r["method"], f"{r['n']}:{r['m']}"): np.asarray(r["val_bpb"]) for r in results}
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.axhline(cells["dense", "2:4"].mean(), color="k", ls="--", label="dense")
+    for j, meth in enumerate(x for x in cfg["methods"] if x != "dense"):
+        got = [cells[meth, q] for q in ratios]
+        sd = [v.std(ddof=1) if v.size > 1 else 0.0 for v in got]
+        ax.errorbar(np.arange(len(ratios)) + 0.06 * (j - 1.5), [v.mean() for v in got], yerr=sd,
+                    marker="o", capsize=3, label=meth)
+    ax.set_xticks(np.arange(len(ratios)), ratios)
+    save(fig, ax, "bpb_vs_sparsity.png", "N:M", "validation bits/byte (bars: sample std)")
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CPU-minutes variant")
-    p.add_argument("--out", default="runs/step_lm")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default from config)")
-    p.add_argument("--methods", default=",".join(METHODS))
-    args = p.parse_args(argv)
-    cfg = load_config(args.quick)
-    seeds = args.seeds or cfg["seeds"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    d = cfg["data"]
+    exp = setup(__file__, argv, description=__doc__)
+    cfg, d = exp.cfg, exp.cfg["data"]
     corpus = load_stdlib_corpus(max_train_bytes=d["train_bytes"], max_val_bytes=d["val_bytes"])
-    data = {"train": corpus.train, "val_windows": eval_windows(corpus.val, cfg["train"]["seq_len"], d["val_windows"], spread=True)}
+    data = {"train": corpus.train,
+            "val_windows": eval_windows(corpus.val, cfg["train"]["seq_len"], d["val_windows"], spread=True)}
     model = Transformer(TransformerConfig(**cfg["model"], max_len=cfg["train"]["seq_len"]))
-    methods = [x for x in args.methods.split(",") if x]
+    methods = cfg["methods"]
     settings = [("dense", 2, 4)] if "dense" in methods else []
     settings += [(meth, n, m) for n, m in cfg["ratios"] for meth in methods if meth != "dense"]
-    results = []
-    with tqdm(total=len(settings) * cfg["train"]["steps"], desc="step_lm", unit="step") as pbar:
-        for meth, n, m in settings:
-            results.append(run_setting(meth, n, m, cfg, data, seeds, model, pbar))
-    argv_str = "jaxlab reproduce step_lm" + (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds else "")
-    payload = {"config": cfg, "corpus": corpus.summary(), "results": results, "command": argv_str}
-    (out / "results.json").write_text(json.dumps(payload, indent=1))
-    text = write_report(out, results, cfg, corpus.summary(), argv_str)
-    if all(meth in methods for meth in METHODS):
-        plot(out, results, cfg)
-    print(text)
+    results = [run_setting(meth, n, m, cfg, data, exp.seeds, model) for meth, n, m in settings]
+    payload = exp.write(write_report(exp, results, cfg, corpus.summary()),
+                        {"corpus": corpus.summary(), "results": results})
+    plot(exp.out, results, cfg)
     return payload
 
 
