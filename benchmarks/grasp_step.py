@@ -3,9 +3,12 @@
 Two parameter sets of the bundled transformer (``jaxlab.nn.transformer``):
 
 * ``lora``  -- LoRA factors (rank r) on every ``attn/{q,k,v,o}`` and ``mlp/{up,down}`` with the base
-  frozen by ``jaxlab.lora.freeze_base`` (the base leaves are part of the tree, as in training; GRASP
-  with ``only=("lora_a", "lora_b")`` so the zero updates of frozen kernels are not projected);
+  frozen by ``jaxlab.lora.freeze_base`` (the base leaves are part of the tree, as in training; the
+  optimizer, GRASP included, sits inside ``freeze_base``, so only the LoRA factors reach it);
 * ``dense`` -- full fine-tuning of all params (every residual-side kernel projected).
+
+Every optimizer comes from the method registry (``jaxlab.training.methods``: ``adamw``, ``grasp``,
+``grasp_around``, AdamW lr 1e-3, weight decay 0.01); for ``lora`` each sits behind ``freeze_base``.
 
 Each variant times ``tx.update`` + ``apply_updates`` only (no forward/backward), ``--inner`` updates inside
 one jitted ``lax.fori_loop`` (params and state carried, so nothing is hoisted), median over ``--reps``
@@ -36,9 +39,12 @@ import numpy as np
 import optax
 from jax import lax
 
-import jaxlab
 from jaxlab.nn import lora
 from jaxlab.nn.transformer import Transformer, TransformerConfig
+from jaxlab.training.methods import get_method
+
+# Table label -> registry method (``grasp`` = chain(adamw, grasp), ``grasp_around`` = grasp_around(adamw)).
+VARIANTS = (("adamw", "adamw"), ("chain(adamw, grasp)", "grasp"), ("grasp_around(adamw)", "grasp_around"))
 
 
 def _runner(tx, params, inner: int):
@@ -88,15 +94,11 @@ def main(argv=None) -> int:
     base = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     U = np.linalg.qr(np.random.default_rng(0).standard_normal((d, args.k)))[0]
     lp = lora.inject(base, [r"attn/(q|k|v|o)$", r"mlp/(up|down)$"], args.rank, key=jax.random.PRNGKey(1))
-    adamw = lambda: optax.adamw(1e-3, weight_decay=0.01)
     rows = []
-    for name, params, wrap, only in (("lora", lp, lambda t: lora.freeze_base(t, lp), ("lora_a", "lora_b")),
-                                     ("dense", base, lambda t: t, None)):
-        txs = {
-            "adamw": wrap(adamw()),
-            "chain(adamw, grasp)": optax.chain(wrap(adamw()), jaxlab.grasp(U, only=only)),
-            "grasp_around(adamw)": jaxlab.grasp_around(wrap(adamw()), U, only=only),
-        }
+    for name, params, wrap in (("lora", lp, lambda t: lora.freeze_base(t, lp)), ("dense", base, lambda t: t)):
+        hyper = {"adamw": {}, "grasp": {"subspace": U}, "grasp_around": {"subspace": U}}
+        txs = {label: wrap(get_method(method).make(1e-3, weight_decay=0.01, **hyper[method]))
+               for label, method in VARIANTS}
         t_all = _time_interleaved({k: _runner(tx, params, inner) for k, tx in txs.items()}, inner, args.reps)
         base_t = t_all.pop("adamw")
         for variant, t in t_all.items():

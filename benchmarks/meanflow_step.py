@@ -1,14 +1,16 @@
 """Benchmark: MeanFlow train-step time divided by the flow-matching train-step time on the same DiT.
 
-One run, one device, one model (``jaxlab.nn.DiT``), one batch. Every variant is a full jitted train step
-(``value_and_grad`` + Adam update):
+One run, one device, one model (``jaxlab.nn.DiT``), one batch. Every variant is the full train step of
+``jaxlab train`` (:func:`jaxlab.training.make_train_step`: ``value_and_grad`` + the registry's ``adam`` +
+grad-norm/finiteness metrics, the same overhead for every variant):
 
 * ``flow_matching`` -- ``jaxlab.flow_matching_loss`` (no JVP; the baseline of every ratio),
 * ``meanflow lam=1.0`` -- original MeanFlow: one ``jax.jvp`` on the r != t rows, no vhat forward,
 * ``meanflow lam=0.5`` -- fixed coefficient: one ``jax.jvp`` + the boundary ``u(z, t, t)`` forward,
 * ``meanflow auto`` -- two tangents on one linearisation (vmapped ``jax.jvp``) + the boundary forward,
 
-each at ``flow_matching_fraction`` 0.75 (the MeanFlow default: JVP on a quarter of the batch) and 0.0
+(MeanFlow through :func:`jaxlab.make_meanflow_loss_fn`, its loss state carried by the train state) each at
+``flow_matching_fraction`` 0.75 (the MeanFlow default: JVP on a quarter of the batch) and 0.0
 (JVP on every row, the worst case). Targets (issue 3): <= 1.6x for fixed coefficients, <= 2.0x for auto,
 at the default fraction.
 
@@ -29,6 +31,7 @@ file and prints a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import statistics
@@ -36,41 +39,30 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from jaxlab.losses import MeanFlowConfig, flow_matching_loss, meanflow_init_state, meanflow_loss
+from jaxlab.losses import MeanFlowConfig, flow_matching_loss, make_meanflow_loss_fn, meanflow_init_state
 from jaxlab.nn import DiT
+from jaxlab.training import TrainState, make_train_step
+from jaxlab.training.methods import get_method
 
 
-def make_step(model, tx, kind: str, cfg: MeanFlowConfig | None):
-    def loss(params, x, key, st):
-        if kind == "fm":
-            l, _ = flow_matching_loss(model.apply, params, x, key)
-            return l, st
-        l, aux = meanflow_loss(model.apply, params, x, key, config=cfg, loss_state=st)
-        return l, aux["loss_state"]
+def compile_variant(model, params, x, cfg: MeanFlowConfig | None, inner):
+    """Jit ``inner`` train steps in one ``fori_loop``; returns a zero-argument timed callable (compiled, warmed up).
 
-    def one(i, carry):
-        params, opt, st, x, key = carry
-        (l, st), g = jax.value_and_grad(loss, has_aux=True)(params, x, jax.random.fold_in(key, i), st)
-        upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), opt, st, x, key
-
-    return one
-
-
-def compile_variant(model, params, x, kind, cfg, inner):
-    """Jit ``inner`` train steps in one ``fori_loop``; returns a zero-argument timed callable (compiled, warmed up)."""
-    tx = optax.adam(1e-4)
-    st = meanflow_init_state(cfg) if cfg is not None else {}
-    one = make_step(model, tx, kind, cfg)
-    run = jax.jit(lambda carry: jax.lax.fori_loop(0, inner, one, carry))
-    carry = (params, tx.init(params), st, x, jax.random.PRNGKey(0))
-    jax.block_until_ready(run(carry))  # compile + warm up
+    ``cfg=None`` is the flow-matching baseline; otherwise the MeanFlow loss with ``cfg``.
+    """
+    tx = get_method("adam").make(1e-4)
+    if cfg is None:
+        step = make_train_step(functools.partial(flow_matching_loss, model.apply), tx, jit=False)
+    else:
+        step = make_train_step(make_meanflow_loss_fn(model.apply, cfg), tx, has_loss_state=True, jit=False)
+    state = TrainState.create(params=params, tx=tx, rng=0, loss_state=None if cfg is None else meanflow_init_state(cfg))
+    run = jax.jit(lambda st: jax.lax.fori_loop(0, inner, lambda i, s: step(s, x)[0], st))
+    jax.block_until_ready(run(state))  # compile + warm up
 
     def timed():
         t0 = time.perf_counter()
-        jax.block_until_ready(run(carry))
+        jax.block_until_ready(run(state))
         return (time.perf_counter() - t0) / inner
 
     return timed
@@ -95,12 +87,12 @@ def main(argv=None) -> dict:
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, side, side, ch))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:2], jnp.zeros(2), jnp.zeros(2))
 
-    variants = [("flow_matching", "fm", None, None)]
+    variants = [("flow_matching", None, None)]
     for frac in (0.75, 0.0):
         for lam in (1.0, 0.5, "auto"):
-            variants.append((f"meanflow lam={lam} fraction={frac}", "mf",
+            variants.append((f"meanflow lam={lam} fraction={frac}",
                              MeanFlowConfig(jvp_cond_weight=lam, flow_matching_fraction=frac), (lam, frac)))
-    fns = [compile_variant(model, params, x, kind, cfg, inner) for _, kind, cfg, _ in variants]
+    fns = [compile_variant(model, params, x, cfg, inner) for _, cfg, _ in variants]
     # Round-robin over variants so that load from other processes hits all of them alike.
     times = [[] for _ in variants]
     for _ in range(reps):
@@ -108,7 +100,7 @@ def main(argv=None) -> dict:
             times[i].append(f())
     base_min, base_med = min(times[0]), statistics.median(times[0])
     rows = []
-    for (name, _, _, meta), ts in zip(variants, times):
+    for (name, _, meta), ts in zip(variants, times):
         target = None
         if meta is not None and meta[1] == 0.75:
             target = 2.0 if meta[0] == "auto" else 1.6

@@ -19,7 +19,8 @@ def _load(path: Path, name: str):
 @pytest.mark.slow
 def test_meanflow_2d_writes_report(tmp_path):
     run = _load(ROOT / "experiments/meanflow_2d/run.py", "mf2d_run")
-    assert run.main(["--quick", "--steps", "30", "--datasets", "eight_gaussians", "two_moons", "--out", str(tmp_path)]) == 0
+    assert run.main(["--quick", "--steps", "30", "--set", "datasets=[eight_gaussians, two_moons]",
+                     "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["results"]) == {"eight_gaussians", "two_moons"}
     assert set(res["results"]["two_moons"]) == {"0", "0.25", "0.5", "0.75", "0.9", "0.94", "1", "auto"}

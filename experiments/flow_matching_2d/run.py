@@ -1,16 +1,18 @@
 """Flow matching on the five toy 2D datasets: trained model vs a standard Gaussian, SW2 and energy distance.
 
-Every run goes through ``jaxlab.train`` (the same code path as ``jaxlab train config.yaml``), so this
-experiment also exercises the runtime: config overrides, checkpoints, metrics, reports.
+Every run goes through ``jaxlab.training.train`` (the same code path as ``jaxlab train config.yaml``), so
+this experiment also exercises the runtime: config validation, checkpoints, metrics, reports. The
+arguments are the common experiment set (:func:`jaxlab.training.experiment.setup`); ``config.yaml`` stays a
+plain ``jaxlab train`` config, so the sweep's own sizes (datasets, seeds, steps) live in ``SWEEP`` below.
 
-    jaxlab reproduce flow_matching_2d [--quick] [--seeds K] [--out DIR]
+    jaxlab reproduce flow_matching_2d [--quick] [--seeds K] [--steps N] [--out DIR] [--set KEY=VALUE] [--overlay FILE]
+
+``--set``/``--overlay`` change the run config (e.g. ``--set optim.learning_rate=3e-4``); ``--steps`` and
+``--seeds`` the sweep.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,16 +21,17 @@ import numpy as np
 
 import jaxlab
 from jaxlab.losses import euler_sample
-from jaxlab.training.report import markdown_table
+from jaxlab.training.experiment import markdown_table, mean_std, setup, std_note
 
-HERE = Path(__file__).resolve().parent
-DATASETS = ["eight_gaussians", "checkerboard", "two_moons", "spirals", "concentric_rings"]
+# The sweep: the full table, and --quick (what `make demo` runs). config.yaml's train.steps is `jaxlab train`'s.
+SWEEP = {"datasets": ["eight_gaussians", "checkerboard", "two_moons", "spirals", "concentric_rings"],
+         "full": {"seeds": 3, "steps": 5000}, "quick": {"seeds": 1, "steps": 2000}}
 
 
 def evaluate(cfg, params, n: int, seed: int):
     """SW2 / energy distance of model samples and of N(0, I) samples against fresh data."""
-    task = jaxlab.build_task(cfg)
-    sampler = jaxlab.toy2d_sampler(cfg.data.name)
+    task = jaxlab.training.build_task(cfg)
+    sampler = jaxlab.data.toy2d_sampler(cfg.data.name)
     key = jax.random.PRNGKey(10_000 + seed)
     kn, kd, kp, kg = jax.random.split(key, 4)
     steps = cfg.task.options.get("sample_steps", 50)
@@ -67,79 +70,53 @@ def plot_grid(samples: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true", help="fewer steps, one seed (a few CPU minutes)")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="runs/flow_matching_2d")
-    p.add_argument("--datasets", nargs="*", default=DATASETS)
-    args = p.parse_args(argv)
-    seeds = args.seeds or (1 if args.quick else 3)
-    steps = args.steps or (2000 if args.quick else 5000)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # --steps goes to the sweep, not into the run config (steps_key=()); --seeds lands in cfg["seeds"].
+    exp = setup(__file__, argv, description=__doc__, steps_key=())
+    sweep = SWEEP["quick" if exp.quick else "full"]
+    base = {k: v for k, v in exp.cfg.items() if k != "seeds"}  # the resolved `jaxlab train` config
+    exp.seeds = seeds = exp.seeds or sweep["seeds"]
+    steps = exp.args.steps or sweep["steps"]
     results: dict[str, list[dict]] = {}
     samples = {}
-    t0 = time.time()
-    for name in args.datasets:
+    for name in SWEEP["datasets"]:
         for seed in range(seeds):
-            cfg = jaxlab.load_config(
-                HERE / "config.yaml",
-                sets=[
-                    f"name={name}_s{seed}",
-                    f"out_dir={out / 'runs'}",
-                    f"data.name={name}",
-                    f"seed={seed}",
-                    f"train.steps={steps}",
-                    f"train.eval_every={steps}",
-                    f"train.ckpt_every={steps}",
-                ],
-            )
-            state, _ = jaxlab.train(cfg)
+            cfg = jaxlab.training.load_config(base=base, sets=[
+                f"name={name}_s{seed}", f"out_dir={exp.out / 'runs'}", f"data.name={name}", f"seed={seed}",
+                f"train.steps={steps}", f"train.eval_every={steps}", f"train.ckpt_every={steps}",
+            ])
+            state, _ = jaxlab.training.train(cfg)
             params = state.ema_params if state.ema_params is not None else state.params
             m, gen, ref = evaluate(cfg, params, cfg.data.eval_size, seed)
             results.setdefault(name, []).append(m)
             if seed == 0:
                 samples[name] = (gen, ref)
             print(f"{name} seed {seed}: sw2 {m['sw2']:.4f} (gaussian {m['sw2_gaussian']:.4f})", flush=True)
-    elapsed = time.time() - t0
-
-    def ms(vals):
-        vals = np.asarray(vals)
-        return f"{vals.mean():.4f} ± {vals.std():.4f}" if len(vals) > 1 else f"{vals.mean():.4f}"
 
     rows = []
-    for name, ms_list in results.items():
-        def col(k, ms_list=ms_list):
-            return [r[k] for r in ms_list]
-
-        better = all(r["sw2"] < r["sw2_gaussian"] for r in ms_list)
-        rows.append([name, ms(col("sw2")), ms(col("sw2_gaussian")), ms(col("energy")), ms(col("energy_gaussian")),
-                     "yes" if better else "NO"])
-    table = markdown_table(
-        ["dataset", "SW2 model", "SW2 N(0,I)", "energy model", "energy N(0,I)", "model beats N(0,I)"], rows
-    )
-    plot_grid(samples, out / "samples.png")
-    cmd = "jaxlab reproduce flow_matching_2d" + (" --quick" if args.quick else "") + (
-        f" --seeds {args.seeds}" if args.seeds else "")
-    report = [
-        "# Flow matching on toy 2D data",
+    for name, runs in results.items():
+        col = {k: [r[k] for r in runs] for k in runs[0]}
+        rows.append([name] + [mean_std(col[k], digits=4) for k in ("sw2", "sw2_gaussian", "energy", "energy_gaussian")]
+                    + ["yes" if all(r["sw2"] < r["sw2_gaussian"] for r in runs) else "NO"])
+    o, d = base["optim"], base["data"]
+    report = exp.header("Flow matching on toy 2D data") + [
+        f"{steps} {o['name']} steps (batch {d['batch_size']}, {o['schedule']} LR {o['learning_rate']}, warmup "
+        f"{o.get('warmup_steps', 0)}, EMA {base['train'].get('ema_decay')}), {base['model']['name']} "
+        f"{base['model']['options']}, {seeds} seed(s), {base['task']['options'].get('sample_steps', 50)} Euler steps "
+        f"for sampling, metrics on {d['eval_size']} fresh samples (SW2 with 1024 projections; energy distance). "
+        f"Wall time {time.perf_counter() - exp.started:.0f} s.",
         "",
-        f"`{cmd}` — {steps} Adam steps (batch 512, cosine LR 1e-3, no EMA), velocity MLP 4x256, "
-        f"{seeds} seed(s), 50 Euler steps for sampling, metrics on 2048 fresh samples "
-        f"(SW2 with 1024 projections; energy distance). Wall time {elapsed:.0f} s.",
+        f"Columns: {std_note(seeds)}; \"model beats N(0,I)\" = lower SW2 than noise on every seed.",
         "",
-        table,
+        markdown_table(["dataset", "SW2 model", "SW2 N(0,I)", "energy model", "energy N(0,I)", "model beats N(0,I)"],
+                       rows),
         "",
         "![samples](samples.png)",
-        "",
     ]
-    (out / "report.md").write_text("\n".join(report))
-    (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": seeds, "results": results}, indent=2))
-    print("\n".join(report))
-    print(f"written: {out / 'report.md'}")
+    exp.write("\n".join(report), {"steps": steps, "seeds": seeds, "results": results})
+    plot_grid(samples, exp.out / "samples.png")
+    print(f"written: {exp.out / 'report.md'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,30 +1,28 @@
 """MeanFlow's JVP-tangent coefficient on toy 2D data: sample quality, exact target MSE and gradient MSE.
 
 Sweeps ``jvp_cond_weight`` (lam: 1.0 = original MeanFlow, 0.0 = improved-MeanFlow tangent, "auto" = the
-pooled online estimate) on five toy datasets x seeds. All fixed coefficients and seeds of one dataset
-train together in one jitted, vmapped function (same init and data stream per seed, so coefficients are
-compared on common random numbers). Metrics at 1 and 2 NFE: sliced Wasserstein-2 and energy distance
-against fresh data. On the Gaussian-mixture dataset the exact oracle gives the target MSE ``M(lam)`` and
-its minimiser for the trained network, and a Monte-Carlo gradient MSE against the ideal-target gradient.
+pooled online estimate) on five toy datasets x paired seeds. Training goes through the shared harness
+(:func:`jaxlab.training.experiment.run_training`, the ``jaxlab train`` step): all fixed coefficients and
+seeds of one dataset are one vmapped run whose per-run input is the coefficient, and run ``s`` of every
+coefficient starts from the same init and sees the same batches, so coefficients are compared on paired
+seeds. Metrics at 1 and 2 NFE: sliced Wasserstein-2 and energy distance against fresh data; paired
+differences against lam = 1 with 95 % t-intervals. On the Gaussian-mixture dataset the exact oracle gives
+the target MSE ``M(lam)`` and its minimiser for the trained network, and a Monte-Carlo gradient MSE
+against the ideal-target gradient.
 
-    jaxlab reproduce meanflow_2d [--quick] [--seeds K] [--out DIR]
+    jaxlab reproduce meanflow_2d [--quick] [--seeds K] [--steps N] [--out DIR] [--set KEY=VALUE]
+    (e.g. --set "datasets=[spirals, two_moons]" --set loss.adaptive_p=0.0)
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import sys
+import dataclasses
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import yaml
-from tqdm import tqdm
 
 import jaxlab
 from jaxlab.losses import (
@@ -36,65 +34,33 @@ from jaxlab.losses import (
     meanflow_target,
 )
 from jaxlab.nn import VelocityMLP
-
-HERE = Path(__file__).resolve().parent
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from jaxlab.training.experiment import markdown_table, mean_std, paired_difference, run_training, setup
+from jaxlab.training.methods import get_method, make_schedule
 
 
-def apply_sets(cfg: dict, sets: list[str]) -> dict:
-    """Apply ``--set a.b=value`` overrides (values parsed as YAML); unknown keys are an error."""
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        node, parts = cfg, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise SystemExit(f"--set {key}: no section {part!r} in config.yaml")
-            node = node[part]
-        if parts[-1] not in node:
-            raise SystemExit(f"--set {key}: unknown key; known: {sorted(node)}")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return cfg
+def train_runs(model, sampler, cfg: dict, seeds: list[int], lams: list[float] | None, desc: str):
+    """One harness run per ``(seeds[i], lams[i])``; ``lams=None`` trains the "auto" coefficient instead.
 
+    The coefficient travels as the run input through the batch into the loss; Adam with a cosine decay
+    to 0 over ``train.steps`` (registry ``adam`` + ``make_schedule``).
+    """
+    tr = cfg["train"]
+    tx = get_method("adam").make(make_schedule(tr["lr"], schedule="cosine", total_steps=tr["steps"]))
+    base = MeanFlowConfig(jvp_cond_weight="auto" if lams is None else 1.0, **cfg["loss"])
 
-def load_config(quick: bool) -> dict:
-    cfg = yaml.safe_load((HERE / "config.yaml").read_text())
-    quick_over = cfg.pop("quick", {})
-    return _merge(cfg, quick_over) if quick else cfg
+    def loss_fn(params, batch, key, loss_state):
+        mf = base if lams is None else dataclasses.replace(base, jvp_cond_weight=batch["lam"])
+        loss, aux = meanflow_loss(model.apply, params, batch["x"], key, config=mf, loss_state=loss_state)
+        new_state = aux.pop("loss_state")
+        return loss, (aux, new_state)
 
-
-def make_trainer(model, sampler, cfg: dict, auto: bool):
-    """``train(key, lam) -> (params, trace)``: Adam + cosine, ``steps`` MeanFlow steps (lam ignored with auto)."""
-    tr, lo = cfg["train"], cfg["loss"]
-    steps, batch = tr["steps"], tr["batch"]
-    tx = optax.adam(optax.cosine_decay_schedule(tr["lr"], steps))
-
-    def train(key, lam):
-        mf = MeanFlowConfig(jvp_cond_weight="auto" if auto else lam, **lo)
-        k_init, k_run = jax.random.split(key)
-        params = model.init(k_init, jnp.zeros((2, 2)), jnp.zeros(2), jnp.zeros(2))
-        carry = (params, tx.init(params), meanflow_init_state(mf))
-
-        def body(c, k):
-            p, o, st = c
-            kx, kl = jax.random.split(k)
-            x = sampler(kx, batch)
-            (loss, aux), g = jax.value_and_grad(
-                lambda q: meanflow_loss(model.apply, q, x, kl, config=mf, loss_state=st), has_aux=True)(p)
-            upd, o = tx.update(g, o, p)
-            return (optax.apply_updates(p, upd), o, aux["loss_state"]), (loss, aux["mse"], aux["jvp_cond_weight"])
-
-        (params, _, _), trace = jax.lax.scan(body, carry, jax.random.split(k_run, steps))
-        return params, trace
-
-    return jax.jit(jax.vmap(train))
+    return run_training(
+        loss_fn, tx,
+        lambda key: model.init(key, jnp.zeros((2, 2)), jnp.zeros(2), jnp.zeros(2)),
+        lambda key, lam: {"x": sampler(key, tr["batch"]), "lam": lam},
+        steps=tr["steps"], seeds=seeds, run_inputs=jnp.asarray(lams or [0.0] * len(seeds), jnp.float32),
+        has_loss_state=True, init_loss_state=meanflow_init_state(base), desc=desc,
+    )
 
 
 def make_evaluator(model, sampler, cfg: dict):
@@ -141,13 +107,13 @@ def oracle_study(model, params, mixture, cfg: dict, lams: np.ndarray, key):
             "auto_limit": limit, "terms": {k: float(v) for k, v in terms.items()}}
 
 
-def _ms(v) -> str:
-    v = np.asarray(v, dtype=np.float64)
-    return f"{v.mean():.4f} ± {v.std():.4f}" if v.size > 1 else f"{v.mean():.4f}"
-
-
 def _label(c) -> str:
     return "auto" if c == "auto" else f"{float(c):g}"
+
+
+def _sd(v) -> float:
+    v = np.asarray(v, np.float64)
+    return float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
 def plots(out: Path, results: dict, coefs: list, traces: dict, samples: dict, oracle: dict | None) -> None:
@@ -162,12 +128,12 @@ def plots(out: Path, results: dict, coefs: list, traces: dict, samples: dict, or
     for ax, name in zip(axes[0], names):
         for nfe, col in ((1, "C0"), (2, "C1")):
             m = np.array([np.mean(results[name][_label(c)][f"sw2_{nfe}"]) for c in fixed])
-            s = np.array([np.std(results[name][_label(c)][f"sw2_{nfe}"]) for c in fixed])
+            s = np.array([_sd(results[name][_label(c)][f"sw2_{nfe}"]) for c in fixed])
             ax.errorbar(fixed, m, yerr=s, marker="o", ms=3, color=col, label=f"{nfe} NFE")
             if "auto" in results[name]:
                 ax.axhline(np.mean(results[name]["auto"][f"sw2_{nfe}"]), color=col, ls="--", lw=1)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("jvp_cond_weight (dashed: auto)")
+        ax.set_xlabel("jvp_cond_weight (dashed: auto; bars: sample std)")
     axes[0, 0].set_ylabel("SW2 to data")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
@@ -220,130 +186,127 @@ def plots(out: Path, results: dict, coefs: list, traces: dict, samples: dict, or
         plt.close(fig)
 
 
+def report(exp, cfg: dict, results: dict, coefs: list, oracle: dict | None) -> tuple[str, dict]:
+    """The report's markdown and the per-dataset summary (best coefficient against lam = 1)."""
+    m_, t_, ev = cfg["model"], cfg["train"], cfg["eval"]
+    labels = [_label(c) for c in coefs]
+    lines = exp.header("MeanFlow jvp_cond_weight sweep on toy 2D data") + [
+        f"VelocityMLP {m_['depth']}x{m_['hidden']} (time_scale {m_['time_scale']}), {t_['steps']} Adam steps "
+        f"(batch {t_['batch']}, lr {t_['lr']} cosine), loss {cfg['loss']}, {exp.seeds} paired seed(s) (same init "
+        f"and batches for every lam); metrics on {ev['n']} samples vs fresh data (SW2 with {ev['projections']} "
+        f"projections; energy distance). Wall time {time.perf_counter() - exp.started:.0f} s.",
+        "",
+        "lam = jvp_cond_weight: 1.0 = original MeanFlow (v_c in the JVP tangent), 0.0 = improved-MeanFlow "
+        "tangent (u(z,t,t)), auto = pooled online estimate. Lower is better; **bold** = best mean.",
+        "",
+    ]
+
+    def pivot(metric: str, cell) -> str:
+        rows = []
+        for name, res in results.items():
+            means = {lab: float(np.mean(res[lab][metric])) for lab in labels}
+            best = min(means, key=means.get)
+            rows.append([name] + [f"**{cell(name, lab)}**" if lab == best else cell(name, lab) for lab in labels])
+        return markdown_table(["dataset"] + [f"λ={lab}" for lab in labels], rows)
+
+    for metric, title in (("sw2_1", "SW2 at 1 NFE"), ("sw2_2", "SW2 at 2 NFE"),
+                          ("energy_1", "Energy distance at 1 NFE"), ("energy_2", "Energy distance at 2 NFE")):
+        lines += [f"## {title} (mean ± sample std, ddof=1, over {exp.seeds} seed(s))", "",
+                  pivot(metric, lambda name, lab, k=metric: mean_std(results[name][lab][k], digits=3)), ""]
+    if "1" in labels:
+        for nfe in (1, 2):
+            lines += [f"## Paired difference SW2(λ) − SW2(λ=1) at {nfe} NFE: mean [95 % t-interval] over "
+                      f"{exp.seeds} paired seed(s) (negative = better than original MeanFlow)", "",
+                      markdown_table(["dataset"] + [f"λ={lab}" for lab in labels if lab != "1"], [
+                          [name] + [paired_difference(res[lab][f"sw2_{nfe}"], res["1"][f"sw2_{nfe}"])["text"]
+                                    for lab in labels if lab != "1"] for name, res in results.items()]), ""]
+
+    summary, rows = {}, []
+    for name, res in results.items():
+        if "1" not in res:
+            break
+        for nfe in (1, 2):
+            sw, en = (np.array([np.mean(res[lab][f"{m}_{nfe}"]) for lab in labels]) for m in ("sw2", "energy"))
+            best, best_e = labels[int(np.argmin(sw))], labels[int(np.argmin(en))]
+            base, base_e = sw[labels.index("1")], en[labels.index("1")]
+            imp, imp_e = 100.0 * (1.0 - sw.min() / base), 100.0 * (1.0 - en.min() / base_e)
+            diff = paired_difference(res[best][f"sw2_{nfe}"], res["1"][f"sw2_{nfe}"])
+            auto = mean_std(res["auto"]["final_coefficient"]) if "auto" in res else "—"
+            summary[f"{name}/{nfe}"] = {"best": best, "improvement_pct": imp, "paired_difference": diff,
+                                        "energy_best": best_e, "energy_improvement_pct": imp_e}
+            rows.append([name, nfe, best, f"{sw.min():.4f}", f"{base:.4f}", f"{imp:.1f}%", diff["text"], best_e,
+                         f"{imp_e:.1f}%", auto])
+    if rows:
+        lines += ["## Best coefficient vs the original MeanFlow corner (λ = 1), by mean SW2", "",
+                  markdown_table(["dataset", "NFE", "best λ", "SW2 best", "SW2 λ=1", "best vs λ=1",
+                                  "paired SW2 best − λ=1 (95 % CI)", "energy best λ", "energy best vs λ=1",
+                                  "auto final λ (mean ± std)"], rows), ""]
+    if oracle is not None:
+        t = oracle["terms"]
+        lines += [f"## Exact oracle on {cfg['oracle']['dataset']} (network: the λ = 1 run, seed 0)", "",
+                  f"Exact minimiser of the target MSE (boundary vhat): λ* = {oracle['lam_star']:.3f}; where the "
+                  f"auto estimator converges for this network: {oracle['auto_limit']:.3f}. Terms: "
+                  + ", ".join(f"{k} = {v:.4g}" for k, v in t.items()) + ".", "",
+                  markdown_table(["λ", "exact target MSE E‖T_λ − T*‖²", "gradient MSE vs ideal-target gradient (MC)"],
+                                 [[f"{lam:g}", f"{mse:.4f}", f"{g:.4g}"] for lam, mse, g in
+                                  zip(oracle["lams"], oracle["target_mse"], oracle["grad_mse"])
+                                  if lam in [float(c) for c in coefs if c != "auto"] or lam == 0.1]), ""]
+    lines += ["![metric vs coefficient](metric_vs_coefficient.png)", "", "![1-step samples](samples_1step.png)", ""]
+    if "auto" in coefs:
+        lines += ["![auto coefficient](auto_coefficient.png)", ""]
+    if oracle is not None:
+        lines += ["![oracle](oracle.png)", ""]
+    return "\n".join(lines), summary
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller model, fewer steps, 1 seed (a few CPU minutes)")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="runs/meanflow_2d")
-    p.add_argument("--datasets", nargs="*", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config.yaml entry, e.g. --set model.time_scale=1000.0")
-    args = p.parse_args(argv)
-    cfg = apply_sets(load_config(args.quick), args.set)
-    if args.seeds:
-        cfg["seeds"] = args.seeds
-    if args.steps:
-        cfg["train"]["steps"] = args.steps
-    datasets = args.datasets or cfg["datasets"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = int(cfg["seeds"])
+    exp = setup(__file__, argv, description=__doc__)
+    cfg = exp.cfg
+    seeds = int(exp.seeds)
     fixed = [float(c) for c in cfg["coefficients"]]
     coefs = fixed + (["auto"] if cfg.get("auto", True) else [])
     model = VelocityMLP(**cfg["model"])
+    eval_keys = jax.random.split(jax.random.PRNGKey(10_000), seeds)  # per seed, the same for every lam
 
-    results, traces, samples, finals = {}, {}, {}, {}
-    t0 = time.time()
-    bar = tqdm(total=len(datasets) * (1 + int(cfg.get("auto", True))), desc="meanflow_2d", unit="group")
-    for name in datasets:
-        sampler = jaxlab.toy2d_sampler(name)
-        seed_keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+    results, traces, samples, lam1 = {}, {}, {}, {}
+    for name in cfg["datasets"]:
+        sampler = jaxlab.data.toy2d_sampler(name)
         ev = make_evaluator(model, sampler, cfg)
         results[name], gens = {}, {}
-        # Fixed coefficients x seeds: one vmapped run.
-        keys = jnp.repeat(seed_keys, len(fixed), axis=0)
-        lam_arr = jnp.tile(jnp.asarray(fixed, jnp.float32), seeds)
-        params, _ = make_trainer(model, sampler, cfg, auto=False)(keys, lam_arr)
-        bar.update(1)
-        eval_keys = jnp.repeat(jax.random.split(jax.random.PRNGKey(10_000), seeds), len(fixed), axis=0)
-        metrics, gen1 = ev(params, eval_keys)
+        # Fixed coefficients x seeds: one vmapped harness run, run i = (seed i // len(fixed), lam i % len(fixed)).
+        res = train_runs(model, sampler, cfg, [s for s in range(seeds) for _ in fixed], fixed * seeds,
+                         f"{name} fixed λ")
+        metrics, gen1 = ev(res.state.params, jnp.repeat(eval_keys, len(fixed), axis=0))
         for j, c in enumerate(fixed):
             idx = np.arange(seeds) * len(fixed) + j
             results[name][_label(c)] = {k: np.asarray(v)[idx].tolist() for k, v in metrics.items()}
             gens[_label(c)] = np.asarray(gen1[idx[0]])
         j1 = fixed.index(1.0) if 1.0 in fixed else 0  # seed 0 of the lam = 1.0 run
-        finals[name] = {"fixed": jax.tree.map(lambda a, j1=j1: a[j1], params)}
+        lam1[name] = jax.tree.map(lambda a, j1=j1: a[j1], res.state.params)
         if "auto" in coefs:
-            pa, trace = make_trainer(model, sampler, cfg, auto=True)(seed_keys, jnp.zeros(seeds))
-            bar.update(1)
-            ma, ga = ev(pa, jax.random.split(jax.random.PRNGKey(10_000), seeds))
+            res = train_runs(model, sampler, cfg, list(range(seeds)), None, f"{name} auto")
+            ma, ga = ev(res.state.params, eval_keys)
             results[name]["auto"] = {k: np.asarray(v).tolist() for k, v in ma.items()}
-            results[name]["auto"]["final_coefficient"] = np.asarray(trace[2][:, -1]).tolist()
+            results[name]["auto"]["final_coefficient"] = res.trace["jvp_cond_weight"][:, -1].tolist()
             gens["auto"] = np.asarray(ga[0])
-            traces[name] = np.asarray(trace[2])
+            traces[name] = res.trace["jvp_cond_weight"]
         samples[name] = (np.asarray(sampler(jax.random.PRNGKey(10_001), cfg["eval"]["n"])), gens)
-    bar.close()
 
     oracle = None
     oname = cfg["oracle"]["dataset"]
-    if oname in datasets and 1.0 in fixed:
-        mixture = jaxlab.toy2d_sampler(oname)
-        if isinstance(mixture, jaxlab.GaussianMixture):
+    if oname in cfg["datasets"] and 1.0 in fixed:
+        mixture = jaxlab.data.toy2d_sampler(oname)
+        if isinstance(mixture, jaxlab.data.GaussianMixture):
             grid = np.round(np.linspace(0.0, 1.0, 21), 3)
             grid = np.unique(np.concatenate([grid, np.asarray(fixed)]))
-            oracle = oracle_study(model, finals[oname]["fixed"], mixture, cfg, grid, jax.random.PRNGKey(77))
-    elapsed = time.time() - t0
+            oracle = oracle_study(model, lam1[oname], mixture, cfg, grid, jax.random.PRNGKey(77))
 
-    # ------------------------------------------------------------------ report
-    cmd = "jaxlab reproduce meanflow_2d" + (" --quick" if args.quick else "") + (
-        f" --seeds {args.seeds}" if args.seeds else "") + (f" --steps {args.steps}" if args.steps else "") + "".join(f" --set {x}" for x in args.set)
-    m_, t_ = cfg["model"], cfg["train"]
-    lines = [
-        "# MeanFlow jvp_cond_weight sweep on toy 2D data",
-        "",
-        f"`{cmd}` — VelocityMLP {m_['depth']}x{m_['hidden']} (time_scale {m_['time_scale']}), "
-        f"{t_['steps']} Adam steps (batch {t_['batch']}, lr {t_['lr']} cosine), loss {cfg['loss']}, "
-        f"{seeds} seed(s); metrics on {cfg['eval']['n']} samples vs fresh data "
-        f"(SW2 with {cfg['eval']['projections']} projections; energy distance). Wall time {elapsed:.0f} s.",
-        "",
-        "lam = jvp_cond_weight: 1.0 = original MeanFlow (v_c in the JVP tangent), 0.0 = improved-MeanFlow "
-        "tangent (u(z,t,t)), auto = pooled online estimate. Lower is better.",
-        "",
-        "## SW2 and energy distance (mean ± std over seeds)",
-        "",
-        "| dataset | lam | SW2 1-NFE | SW2 2-NFE | energy 1-NFE | energy 2-NFE |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, res in results.items():
-        for c in coefs:
-            r = res[_label(c)]
-            lines.append(f"| {name} | {_label(c)} | {_ms(r['sw2_1'])} | {_ms(r['sw2_2'])} | {_ms(r['energy_1'])} | "
-                         f"{_ms(r['energy_2'])} |")
-    lines += ["", "## Best coefficient vs the original MeanFlow corner (lam = 1.0), by mean SW2", "",
-              "| dataset | NFE | best lam | SW2 best | SW2 lam=1 | improvement | auto final lam |", "|---|---|---|---|---|---|---|"]
-    summary = {}
-    for name, res in results.items():
-        for nfe in (1, 2):
-            means = {c: float(np.mean(res[_label(c)][f"sw2_{nfe}"])) for c in coefs}
-            best = min(means, key=means.get)
-            base = means.get(1.0, float("nan"))
-            imp = 100.0 * (base - means[best]) / base
-            auto_l = _ms(res["auto"]["final_coefficient"]) if "auto" in res else "-"
-            summary[f"{name}/{nfe}"] = {"best": _label(best), "improvement_pct": imp}
-            lines.append(f"| {name} | {nfe} | {_label(best)} | {means[best]:.4f} | {base:.4f} | {imp:.1f}% | {auto_l} |")
-    if oracle is not None:
-        lines += ["", f"## Exact oracle on {oname} (network: the lam = 1.0 run, seed 0)", "",
-                  f"Exact minimiser of the target MSE (boundary vhat): lam* = {oracle['lam_star']:.3f}; "
-                  f"where the auto estimator converges for this network: {oracle['auto_limit']:.3f}.", "",
-                  "| lam | exact target MSE E‖T_lam − T*‖² | gradient MSE (MC) |", "|---|---|---|"]
-        for lam_, mse, g in zip(oracle["lams"], oracle["target_mse"], oracle["grad_mse"]):
-            if lam_ in fixed:
-                lines.append(f"| {lam_:g} | {mse:.4f} | {g:.4g} |")
-    lines += ["", "![metric vs coefficient](metric_vs_coefficient.png)", "", "![1-step samples](samples_1step.png)", ""]
-    if traces:
-        lines += ["![auto coefficient](auto_coefficient.png)", ""]
-    if oracle is not None:
-        lines += ["![oracle](oracle.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps(
-        {"config": cfg, "command": cmd, "elapsed_s": elapsed, "results": results, "summary": summary,
-         "oracle": oracle}, indent=1))
-    plots(out, results, coefs, traces, samples, oracle)
-    print("\n".join(lines))
-    print(f"written: {out / 'report.md'}")
+    text, summary = report(exp, cfg, results, coefs, oracle)
+    exp.write(text, {"results": results, "summary": summary, "oracle": oracle})
+    plots(exp.out, results, coefs, traces, samples, oracle)
+    print(f"written: {exp.out / 'report.md'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

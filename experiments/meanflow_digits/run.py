@@ -4,15 +4,18 @@ Score: a Frechet distance in the 64-d penultimate feature space of a small MLP d
 in this experiment on the training split (a "digits FD"; NOT Inception FID, numbers are not comparable
 with image FIDs). Reference floor: FD between the held-out real images and the training images.
 
-    jaxlab reproduce meanflow_digits [--quick] [--seeds K] [--out DIR]
+Every model (and the classifier) trains through the shared harness
+(:func:`jaxlab.training.experiment.run_training`, the ``jaxlab train`` step): flow matching is the same
+MeanFlow loss with every row r = t; the fixed coefficients x seeds are one vmapped run whose per-run input
+is the coefficient. Paired seeds: run ``s`` of every model starts from the same init, sees the same
+batches and is sampled from the same noise, so the table reports paired differences against lam = 1.
+
+    jaxlab reproduce meanflow_digits [--quick] [--seeds K] [--steps N] [--out DIR] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import sys
+import dataclasses
 import time
 from pathlib import Path
 
@@ -21,43 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
-from tqdm import tqdm
 
 from jaxlab.losses import MeanFlowConfig, euler_sample, meanflow_init_state, meanflow_loss, meanflow_sample
 from jaxlab.nn import DiT
-
-HERE = Path(__file__).resolve().parent
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def apply_sets(cfg: dict, sets: list[str]) -> dict:
-    """Apply ``--set a.b=value`` overrides (values parsed as YAML); unknown keys are an error."""
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        node, parts = cfg, key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise SystemExit(f"--set {key}: no section {part!r} in config.yaml")
-            node = node[part]
-        if parts[-1] not in node:
-            raise SystemExit(f"--set {key}: unknown key; known: {sorted(node)}")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return cfg
-
-
-def load_config(quick: bool) -> dict:
-    cfg = yaml.safe_load((HERE / "config.yaml").read_text())
-    q = cfg.pop("quick", {})
-    return _merge(cfg, q) if quick else cfg
+from jaxlab.training.experiment import markdown_table, mean_std, paired_difference, run_training, setup
+from jaxlab.training.methods import get_method, make_schedule
 
 
 def load_digits_split(test_fraction: float, seed: int = 0):
@@ -87,28 +58,24 @@ class DigitsClassifier(nn.Module):
         return f if return_features else nn.Dense(10)(f)
 
 
-def train_classifier(cfg, x, y, x_te, y_te, key):
+def train_classifier(cfg, x, y, x_te, y_te):
+    """The FD feature network: Adam on noisy training images (one harness run); ``(features_fn, test acc)``."""
     c = cfg["classifier"]
     clf = DigitsClassifier(c["hidden"], c["features"])
     x, y, x_te, y_te = (jnp.asarray(a) for a in (x, y, x_te, y_te))
-    params = clf.init(key, x[:2])
-    tx = optax.adam(c["lr"])
 
-    @jax.jit
-    def step(p, o, k):
-        idx = jax.random.randint(k, (128,), 0, x.shape[0])
-        xb = x[idx] + 0.05 * jax.random.normal(k, x[idx].shape)  # light noise: features stay smooth
-        loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(clf.apply(q, xb), y[idx]).mean()
-        g = jax.grad(loss)(p)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o
+    def batch_fn(key):
+        idx = jax.random.randint(key, (128,), 0, x.shape[0])
+        return x[idx] + 0.05 * jax.random.normal(key, x[idx].shape), y[idx]  # light noise: features stay smooth
 
-    o = tx.init(params)
-    for i in range(c["steps"]):
-        params, o = step(params, o, jax.random.fold_in(key, i))
+    def cross_entropy(params, batch, key):
+        return optax.softmax_cross_entropy_with_integer_labels(clf.apply(params, batch[0]), batch[1]).mean(), {}
+
+    res = run_training(cross_entropy, get_method("adam").make(c["lr"]), lambda key: clf.init(key, x[:2]), batch_fn,
+                       steps=c["steps"], seeds=[c["seed"]], desc="classifier")
+    params = jax.tree.map(lambda a: a[0], res.state.params)
     acc = float(jnp.mean(jnp.argmax(clf.apply(params, x_te), -1) == y_te))
-    feats = jax.jit(lambda a: clf.apply(params, a, return_features=True))
-    return feats, acc
+    return jax.jit(lambda a: clf.apply(params, a, return_features=True)), acc
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -122,33 +89,33 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross)
 
 
-def make_trainer(model, cfg, x_tr, y_tr, mf_kwargs: dict, fixed_lam: bool):
-    """Jitted ``train(key, lam) -> (params, lam_trace)`` over ``steps`` steps; vmappable over ``lam``."""
+def train_dit(model, cfg, x_tr, y_tr, loss_cfg: MeanFlowConfig, seeds: list[int], lams: list[float] | None, desc):
+    """Train ``model`` per ``(seeds[i], lams[i])`` (``lams=None``: ``loss_cfg``'s own coefficient, e.g. "auto").
+
+    Adam (registry ``adam``) with a cosine decay to 0; batches are uniform draws of the training split with
+    their labels; the per-run coefficient reaches the loss through the batch.
+    """
     tr = cfg["train"]
-    steps, batch = tr["steps"], tr["batch"]
-    tx = optax.adam(optax.cosine_decay_schedule(tr["lr"], steps))
     xs, ys = jnp.asarray(x_tr), jnp.asarray(y_tr)
+    per_run = lams is not None
 
-    def train(key, lam):
-        mf = MeanFlowConfig(jvp_cond_weight=lam if fixed_lam else "auto", num_classes=10, **mf_kwargs)
-        k_init, k_run = jax.random.split(key)
-        params = model.init(k_init, xs[:2], jnp.zeros(2), jnp.zeros(2), ys[:2])
+    def sample_batch(key, lam):
+        idx = jax.random.randint(key, (tr["batch"],), 0, xs.shape[0])
+        return {"x": xs[idx], "y": ys[idx], "lam": lam}
 
-        def body(c, k):
-            p, o, st = c
-            kb, kl = jax.random.split(k)
-            idx = jax.random.randint(kb, (batch,), 0, xs.shape[0])
-            (loss, aux), g = jax.value_and_grad(
-                lambda q: meanflow_loss(model.apply, q, xs[idx], kl, config=mf, y=ys[idx], loss_state=st),
-                has_aux=True)(p)
-            u, o = tx.update(g, o, p)
-            return (optax.apply_updates(p, u), o, aux["loss_state"]), aux["jvp_cond_weight"]
+    def mf_loss(params, batch, key, loss_state):
+        config = dataclasses.replace(loss_cfg, jvp_cond_weight=batch["lam"]) if per_run else loss_cfg
+        loss, aux = meanflow_loss(model.apply, params, batch["x"], key, config=config, y=batch["y"],
+                                  loss_state=loss_state)
+        new_state = aux.pop("loss_state")
+        return loss, (aux, new_state)
 
-        (params, _, _), trace = jax.lax.scan(body, (params, tx.init(params), meanflow_init_state(mf)),
-                                             jax.random.split(k_run, steps))
-        return params, trace
-
-    return jax.jit(jax.vmap(train))
+    return run_training(
+        mf_loss, get_method("adam").make(make_schedule(tr["lr"], schedule="cosine", total_steps=tr["steps"])),
+        lambda key: model.init(key, xs[:2], jnp.zeros(2), jnp.zeros(2), ys[:2]), sample_batch,
+        steps=tr["steps"], seeds=seeds, run_inputs=jnp.asarray(lams if per_run else np.ones(len(seeds)), jnp.float32),
+        has_loss_state=True, init_loss_state=meanflow_init_state(loss_cfg), desc=desc,
+    )
 
 
 def sample_grid(images: dict, path: Path) -> None:
@@ -168,112 +135,93 @@ def sample_grid(images: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller DiT, fewer steps (a few CPU minutes)")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="runs/meanflow_digits")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config.yaml entry, e.g. --set model.time_scale=1000.0")
-    args = p.parse_args(argv)
-    cfg = apply_sets(load_config(args.quick), args.set)
-    if args.seeds:
-        cfg["seeds"] = args.seeds
-    if args.steps:
-        cfg["train"]["steps"] = args.steps
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+def _model_label(key: str) -> tuple[str, str]:
+    """``"MeanFlow lam=1 @ 2 NFE"`` -> ``("MeanFlow λ = 1 (original)", "2")``."""
+    name, nfe = key.rsplit(" @ ", 1)
+    name = name.replace("lam=", "λ = ") + (" (original)" if name == "MeanFlow lam=1" else "")
+    return name, nfe.split()[0]
 
+
+def report(exp, cfg: dict, fd: dict, paired: dict, acc: float, floor: float, auto_final, n_train, n_test) -> str:
+    m_, t_ = cfg["model"], cfg["train"]
+    rows = [[*_model_label(k), mean_std(v), paired.get(k, {"text": "—"})["text"]] for k, v in fd.items()]
+    lines = exp.header("MeanFlow vs flow matching on 8x8 digits (small DiT)") + [
+        f"DiT patch {m_['patch']}, hidden {m_['hidden']}, depth {m_['depth']}, heads {m_['heads']}; {t_['steps']} Adam "
+        f"steps (batch {t_['batch']}, lr {t_['lr']} cosine); {exp.seeds} paired seed(s) (same init, batches and "
+        f"sampling noise for every model); {n_train} train / {n_test} held-out images. "
+        f"Wall time {time.perf_counter() - exp.started:.0f} s.",
+        "",
+        f"Digits FD = Frechet distance in the {cfg['classifier']['features']}-d feature space of an MLP classifier "
+        f"trained here (held-out accuracy {acc:.3f}); {cfg['eval']['n']} class-balanced samples vs the training "
+        f"images. Floor (held-out real vs training images): {floor:.2f}. Not Inception FID. Lower is better.",
+        "",
+        markdown_table(["model", "NFE", "digits FD ↓ (mean ± sample std)",
+                        "paired FD − FD(λ = 1), same NFE: mean [95 % t-interval]"], rows),
+    ]
+    if auto_final:
+        lines += ["", f"Final auto coefficient: {mean_std(auto_final)}."]
+    return "\n".join(lines + ["", "![samples](samples.png)", ""])
+
+
+def main(argv=None) -> int:
+    exp = setup(__file__, argv, description=__doc__)
+    cfg = exp.cfg
+    seeds = int(exp.seeds)
     x_tr, y_tr, x_te, y_te = load_digits_split(cfg["train"]["test_fraction"])
-    feats, acc = train_classifier(cfg, x_tr, y_tr, x_te, y_te, jax.random.PRNGKey(123))
+    feats, acc = train_classifier(cfg, x_tr, y_tr, x_te, y_te)
     f_train = np.asarray(feats(x_tr))
     fd_floor = frechet_distance(np.asarray(feats(x_te)), f_train)
 
     model = DiT(num_classes=10, **cfg["model"])
-    seeds = int(cfg["seeds"])
     fixed = [float(c) for c in cfg["fixed_coefficients"]]
     n = cfg["eval"]["n"]
     y_gen = jnp.arange(n) % 10
-    mf_kwargs = dict(cfg["loss"])
-    fm_kwargs = dict(mf_kwargs, flow_matching_fraction=1.0)
+    base = MeanFlowConfig(num_classes=10, **cfg["loss"])
+    apply_y = lambda q, z, r, t: model.apply(q, z, r, t, y_gen)  # noqa: E731
+    samplers = {
+        "fm": jax.jit(lambda p_, e, nfe: euler_sample(apply_y, p_, e, steps=nfe), static_argnums=2),
+        "mf": jax.jit(lambda p_, e, nfe: meanflow_sample(apply_y, p_, e, steps=nfe), static_argnums=2),
+    }
+    noise = [jax.random.normal(jax.random.PRNGKey(1000 + s), (n, 8, 8, 1)) for s in range(seeds)]
+    fd, grids, auto_final = {}, {}, []
 
-    rows: dict[str, dict[str, list]] = {}
-    grids, auto_final = {}, []
-    bar = tqdm(total=seeds * 3, desc="meanflow_digits", unit="group")
+    def score(name, params, sampler, nfes):  # params stacked over seeds 0..seeds-1
+        for s in range(seeds):
+            p_s = jax.tree.map(lambda a, s=s: a[s], params)
+            for nfe in nfes:
+                gen = np.asarray(samplers[sampler](p_s, noise[s], nfe))
+                fd.setdefault(f"{name} @ {nfe} NFE", []).append(frechet_distance(np.asarray(feats(gen)), f_train))
+                if s == 0 and (nfe == 1 or nfe >= 10):
+                    grids[f"{name}, {nfe} NFE"] = gen
 
-    def score(name, params, sample_fn, nfes, key):
-        for nfe in nfes:
-            gen = np.asarray(sample_fn(params, jax.random.normal(key, (n, 8, 8, 1)), nfe))
-            rows.setdefault(f"{name} @ {nfe} NFE", {}).setdefault("fd", []).append(
-                frechet_distance(np.asarray(feats(gen)), f_train))
-            if seed_now[0] == 0 and (nfe == 1 or nfe >= 10):
-                grids[f"{name}, {nfe} NFE"] = gen
+    # Flow matching baseline: the same loss code with every row r = t (no JVP).
+    everyone = list(range(seeds))
+    fm_cfg = dataclasses.replace(base, flow_matching_fraction=1.0)
+    res = train_dit(model, cfg, x_tr, y_tr, fm_cfg, everyone, [1.0] * seeds, "flow matching")
+    score("flow matching", res.state.params, "fm", cfg["eval"]["fm_nfe"])
+    # MeanFlow at the fixed coefficients x seeds: one vmapped harness run, run i = (seed i // k, lam i % k).
+    res = train_dit(model, cfg, x_tr, y_tr, base, [s for s in everyone for _ in fixed], fixed * seeds, "MeanFlow fixed λ")
+    for j, c in enumerate(fixed):
+        score(f"MeanFlow lam={c:g}", jax.tree.map(lambda a, j=j: a[j::len(fixed)], res.state.params), "mf", (1, 2))
+    if cfg.get("auto", True):
+        res = train_dit(model, cfg, x_tr, y_tr, dataclasses.replace(base, jvp_cond_weight="auto"), everyone, None,
+                        "MeanFlow auto")
+        auto_final = res.trace["jvp_cond_weight"][:, -1].tolist()
+        score("MeanFlow lam=auto", res.state.params, "mf", (1, 2))
 
-    mf_sample = jax.jit(lambda p_, e, nfe: meanflow_sample(lambda q, z, r, t: model.apply(q, z, r, t, y_gen), p_, e,
-                                                           steps=nfe), static_argnums=2)
-    fm_sample = jax.jit(lambda p_, e, nfe: euler_sample(lambda q, z, r, t: model.apply(q, z, r, t, y_gen), p_, e,
-                                                        steps=nfe), static_argnums=2)
-    seed_now = [0]
-    for s in range(seeds):
-        seed_now[0] = s
-        key = jax.random.PRNGKey(s)
-        ekey = jax.random.PRNGKey(1000 + s)
-        # Flow matching baseline: the same loss code with every row r = t (no JVP).
-        pf, _ = make_trainer(model, cfg, x_tr, y_tr, fm_kwargs, True)(key[None], jnp.ones(1))
-        bar.update(1)
-        score("flow matching", jax.tree.map(lambda a: a[0], pf), fm_sample, cfg["eval"]["fm_nfe"], ekey)
-        # MeanFlow at the fixed coefficients: one vmapped run.
-        pm, _ = make_trainer(model, cfg, x_tr, y_tr, mf_kwargs, True)(
-            jnp.repeat(key[None], len(fixed), 0), jnp.asarray(fixed, jnp.float32))
-        bar.update(1)
-        for j, c in enumerate(fixed):
-            score(f"MeanFlow lam={c:g}", jax.tree.map(lambda a, j=j: a[j], pm), mf_sample, (1, 2), ekey)
-        if cfg.get("auto", True):
-            pa, tr = make_trainer(model, cfg, x_tr, y_tr, mf_kwargs, False)(key[None], jnp.zeros(1))
-            bar.update(1)
-            auto_final.append(float(tr[0, -1]))
-            score("MeanFlow lam=auto", jax.tree.map(lambda a: a[0], pa), mf_sample, (1, 2), ekey)
-    bar.close()
-    elapsed = time.time() - t0
-
-    def ms(v):
-        v = np.asarray(v)
-        return f"{v.mean():.2f} ± {v.std():.2f}" if v.size > 1 else f"{v.mean():.2f}"
-
-    cmd = "jaxlab reproduce meanflow_digits" + (" --quick" if args.quick else "") + (
-        f" --seeds {args.seeds}" if args.seeds else "") + (f" --steps {args.steps}" if args.steps else "") + "".join(f" --set {x}" for x in args.set)
-    m_, t_ = cfg["model"], cfg["train"]
-    lines = [
-        "# MeanFlow vs flow matching on 8x8 digits (small DiT)",
-        "",
-        f"`{cmd}` — DiT patch {m_['patch']}, hidden {m_['hidden']}, depth {m_['depth']}, heads {m_['heads']}; "
-        f"{t_['steps']} Adam steps (batch {t_['batch']}, lr {t_['lr']} cosine); {seeds} seed(s); "
-        f"{len(x_tr)} train / {len(x_te)} held-out images. Wall time {elapsed:.0f} s.",
-        "",
-        f"Digits FD = Frechet distance in the {cfg['classifier']['features']}-d feature space of an MLP classifier "
-        f"trained here (held-out accuracy {acc:.3f}); {n} class-balanced samples vs the training images. "
-        f"Floor (held-out real vs training images): {fd_floor:.2f}. Not Inception FID.",
-        "",
-        "| model | digits FD (lower is better) |",
-        "|---|---|",
-    ]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {ms(r['fd'])} |")
-    if auto_final:
-        lines += ["", f"Final auto coefficient: {ms(auto_final)}."]
-    lines += ["", "![samples](samples.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps(
-        {"config": cfg, "command": cmd, "elapsed_s": elapsed, "classifier_accuracy": acc, "fd_floor": fd_floor,
-         "fd": {k: v["fd"] for k, v in rows.items()}, "auto_final_coefficient": auto_final}, indent=1))
+    paired = {}  # every model against MeanFlow lam = 1 at the same NFE, paired over seeds
+    for key, vals in fd.items():
+        name, nfe = key.rsplit(" @ ", 1)
+        if name != "MeanFlow lam=1" and f"MeanFlow lam=1 @ {nfe}" in fd:
+            paired[key] = paired_difference(vals, fd[f"MeanFlow lam=1 @ {nfe}"], digits=2)
+    exp.write(report(exp, cfg, fd, paired, acc, fd_floor, auto_final, len(x_tr), len(x_te)),
+              {"classifier_accuracy": acc, "fd_floor": fd_floor, "fd": fd, "paired_vs_lam1": paired,
+               "auto_final_coefficient": auto_final})
     sample_grid({"real (held-out)": x_te[np.argsort(y_te, kind="stable")][:: max(1, len(x_te) // 20)], **grids},
-                out / "samples.png")
-    print("\n".join(lines))
-    print(f"written: {out / 'report.md'}")
+                exp.out / "samples.png")
+    print(f"written: {exp.out / 'report.md'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
