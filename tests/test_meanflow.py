@@ -138,12 +138,17 @@ def test_wrong_tangent_order_changes_loss(model, batch):
         assert abs(float(wrong) - float(loss)) > 1e-3 * float(loss)
 
 
+def _interpolant(m, params, batch):
+    """``z_t = (1 - t) x + t e``, the conditional velocity ``e - x`` and the model's ``u(z_t, t, t)``."""
+    x, e, _, t = batch
+    z = (1 - t)[:, None] * x + t[:, None] * e
+    return z, e - x, m.apply(params, z, t, t)
+
+
 def test_jvp_matches_central_finite_differences(model, batch):
     m, params = model
     x, e, r, t = batch
-    z = (1 - t)[:, None] * x + t[:, None] * e
-    v = e - x
-    vhat = m.apply(params, z, t, t)
+    z, v, vhat = _interpolant(m, params, batch)
     lam = 0.4
     u, target, dudt = meanflow_target(m.apply, params, z, r, t, v, vhat, lam)
     w = lam * v + (1 - lam) * vhat
@@ -158,9 +163,7 @@ def test_family_target_matches_explicit_jacobian(model, batch):
     """T_lam = v_c - h (J (lam v_c + (1 - lam) vhat) + d_t u) with J, d_t u from jacfwd; both JVP code paths."""
     m, params = model
     x, e, r, t = batch
-    z = (1 - t)[:, None] * x + t[:, None] * e
-    v = e - x
-    vhat = m.apply(params, z, t, t)
+    z, v, vhat = _interpolant(m, params, batch)
     f = lambda zi, ri, ti: m.apply(params, zi[None], ri[None], ti[None])[0]
     J = jax.vmap(jax.jacfwd(f, 0))(z, r, t)
     dt = jax.vmap(jax.jacfwd(f, 2))(z, r, t)

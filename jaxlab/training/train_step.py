@@ -133,33 +133,8 @@ def make_train_step(
       and whatever ``loss_fn`` reported.
     """
 
-    def step(state: TrainState, batch):
-        key = state.step_key()
-
-        def objective(params):
-            params = _freeze(params, trainable)
-            fparams = params if forward_params_fn is None else forward_params_fn(params, state.opt_state)
-            if has_loss_state:
-                loss, (metrics, new_ls) = loss_fn(fparams, batch, key, state.loss_state)
-            else:
-                loss, metrics = loss_fn(fparams, batch, key)
-                new_ls = state.loss_state
-            return loss, (metrics, new_ls)
-
-        (loss, (metrics, new_ls)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema_decay is not None and ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, loss_state=new_ls
-        )
-        out = dict(metrics)
-        out["loss"] = loss
-        out["grad_norm"] = optax.tree.norm(grads)
-        out["nonfinite"] = _first_nonfinite(loss, grads)
-        return new_state, out
+    step = _step_fn(loss_fn, tx, forward_params_fn=forward_params_fn, has_loss_state=has_loss_state,
+                    trainable=trainable, ema_decay=ema_decay)
 
     if not jit:
         return step
@@ -213,8 +188,13 @@ def _pmean_floats(tree, axis_name):
     )
 
 
-def _local_step(loss_fn, tx, axis_name, forward_params_fn=None, has_loss_state=False, trainable=None):
-    """A per-device step whose gradients (and loss-state updates) are averaged over ``axis_name``."""
+def _step_fn(loss_fn, tx, *, forward_params_fn=None, has_loss_state=False, trainable=None, ema_decay=None,
+             axis_name=None):
+    """The one train-step body: loss and grads, optional cross-device mean, ``tx.update``, EMA, metrics.
+
+    With ``axis_name`` the gradients, loss, metrics and floating loss-state leaves are ``pmean``-ed over
+    that axis before the update (the per-device body of the pmap / shard_map flavours).
+    """
 
     def step(state: TrainState, batch):
         key = state.step_key()
@@ -230,13 +210,19 @@ def _local_step(loss_fn, tx, axis_name, forward_params_fn=None, has_loss_state=F
             return loss, (metrics, new_ls)
 
         (loss, (metrics, new_ls)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        grads = jax.lax.pmean(grads, axis_name)
-        loss = jax.lax.pmean(loss, axis_name)
-        metrics = jax.lax.pmean(metrics, axis_name)
-        new_ls = _pmean_floats(new_ls, axis_name)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+            loss = jax.lax.pmean(loss, axis_name)
+            metrics = jax.lax.pmean(metrics, axis_name)
+            new_ls = _pmean_floats(new_ls, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=new_ls)
+        ema = state.ema_params
+        if ema_decay is not None and ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, loss_state=new_ls
+        )
         out = dict(metrics)
         out["loss"] = loss
         out["grad_norm"] = optax.tree.norm(grads)
@@ -256,12 +242,12 @@ def make_pmap_train_step(loss_fn, tx, *, axis_name: str = "batch", devices=None,
     (Per-example losses averaged within a shard; a loss whose statistics pool across the batch must
     itself ``psum`` over ``axis_name`` to match the single-device step exactly.)
     """
-    return jax.pmap(_local_step(loss_fn, tx, axis_name, **kwargs), axis_name=axis_name, devices=devices)
+    return jax.pmap(_step_fn(loss_fn, tx, axis_name=axis_name, **kwargs), axis_name=axis_name, devices=devices)
 
 
 def make_shard_map_train_step(loss_fn, tx, mesh: Mesh, *, axis_name: str = "data", **kwargs):
     """``jax.shard_map`` flavour: state replicated (``P()``), batch split over ``axis_name``, grads ``pmean``-ed."""
-    local = _local_step(loss_fn, tx, axis_name, **kwargs)
+    local = _step_fn(loss_fn, tx, axis_name=axis_name, **kwargs)
     return jax.jit(
         jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=(P(), P()), check_vma=False)
     )

@@ -343,8 +343,8 @@ def grasp_around(
     Adam's moments: when the data keep pushing along the spurious direction (an offset the constrained
     model cannot fit), that persistent gradient otherwise inflates the second moments and, after the
     per-coordinate division, leaks into the task directions as a steady error. On the linear residual toy
-    (``experiments/grasp_linear``) the post-only chain leaves a task MSE of 0.14 +- 0.11 where this chain
-    reaches ~1e-4 (same drift, ~0).
+    (``experiments/grasp_linear``, 5 seeds, mean +- sample std) the post-only chain leaves a task MSE of
+    0.15 +- 0.13 where this chain stays below 1e-4 on every seed.
 
     Args:
       inner: the optimizer, e.g. ``optax.adamw(lr, weight_decay=wd)`` (or ``jaxlab.lora.freeze_base(...)``).
