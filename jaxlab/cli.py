@@ -58,7 +58,7 @@ def _cmd_train(args) -> int:
         from jaxlab.training.dry_run import dry_run
 
         return dry_run(cfg, args)
-    state, last = train(cfg)
+    state, last = train(cfg, allow_config_change=args.allow_config_change)
     print(f"run dir: {cfg.run_dir}")
     for k, v in sorted(last.items()):
         print(f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}")
@@ -119,7 +119,11 @@ def _cmd_reproduce(args, rest: list[str]) -> int:
 def _cmd_report(args) -> int:
     from jaxlab.training.report import write_report
 
-    path = write_report(args.run_dir)
+    try:
+        path = write_report(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(path.read_text())
     print(f"written: {path}")
     return 0
@@ -151,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overlay", action="append", help="YAML deep-merged over the config (repeatable, in order)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. train.steps=100")
     t.add_argument("--dry-run", action="store_true", help="lower and compile one step on simulated devices; print memory/shardings")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the run's config.yaml (recorded in config_changes.jsonl)")
     r = sub.add_parser(
         "reproduce", add_help=False,
         help="run an experiment's sweep and write its report (NAME or 'all'); "
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.cmd == "train":
-            return _cmd_train(args)
+            return _train_with_clean_errors(args)
         if args.cmd == "reproduce":
             return _cmd_reproduce(args, rest)
         if args.cmd == "report":
@@ -182,6 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+
+
+def _train_with_clean_errors(args) -> int:
+    """``jaxlab train``: a run that stops for a reason the user can act on prints one line, exit code 1."""
+    from jaxlab.training import CheckpointError, DivergenceError, RunDirLocked
+
+    try:
+        return _cmd_train(args)
+    except DivergenceError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+    except RunDirLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -72,8 +72,64 @@ def _pdist(a, b):
     return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 
+# Rows of ``a`` per block in :func:`_mean_dist`: the ``(block, m, d)`` difference tensor stays under this
+# many elements (64 MiB of float32); 2048 x 2048 points in 2-D is one block.
+_DIST_BLOCK_ELEMENTS = 1 << 24
+
+# Relative rounding tolerance of :func:`energy_distance`: a negative result no further below 0 than
+# ``_ED_RTOL * (2 A + B + C)`` (about 80 float32 ulps of the summed terms) is rounding and returns 0.
+# The rounding measured on 2048-point 2-D clouds (against float64) is below 1e-7 of the terms.
+_ED_RTOL = 1e-5
+
+
+def _mean_dist(a, b):
+    """``mean_ij ||a_i - b_j||`` from explicit differences (no ``|a|^2 + |b|^2 - 2 a.b`` cancellation).
+
+    Row means first, then their mean (two-level summation keeps float32 rounding small); rows of ``a``
+    go in blocks of at most ``_DIST_BLOCK_ELEMENTS`` differences so memory stays bounded for large ``d``.
+    """
+
+    def row_means(ab):
+        diff = ab[:, None, :] - b[None, :, :]
+        return jnp.mean(jnp.sqrt(jnp.sum(diff * diff, -1)), 1)
+
+    n, (m, d) = a.shape[0], b.shape
+    block = max(1, _DIST_BLOCK_ELEMENTS // max(1, m * d))
+    if block >= n:
+        return jnp.mean(row_means(a))
+    pad = (-n) % block
+    blocks = jnp.pad(a, ((0, pad), (0, 0))).reshape(-1, block, d)
+    return jnp.mean(jax.lax.map(row_means, blocks).reshape(-1)[:n])
+
+
 def energy_distance(x, y) -> jax.Array:
     """Energy distance ``2 E||X - Y|| - E||X - X'|| - E||Y - Y'||`` (V-statistic, >= 0).
+
+    The estimator is the V-statistic: with ``A = mean_ij ||x_i - y_j||``, ``B = mean_ik ||x_i - x_k||``
+    and ``C = mean_jl ||y_j - y_l||`` (``B`` and ``C`` include the ``i = k`` zero terms) it returns
+    ``2 A - B - C``. That is exactly the energy distance between the two empirical distributions, so it
+    is ``>= 0`` for every input (Szekely & Rizzo: ``||.||`` is conditionally negative definite, and the
+    value is ``int |phi_x(t) - phi_y(t)|^2 w(t) dt`` of the empirical characteristic functions), and 0 only
+    when the two empirical distributions coincide. (The U-statistic, which drops the diagonal and
+    divides ``B``, ``C`` by ``n (n - 1)``, is unbiased for the population value but can be negative.)
+
+    Numerics, so that the ``>= 0`` guarantee survives float32:
+
+    * distances come from explicit differences ``x_i - y_j``, not from ``|x|^2 + |y|^2 - 2 x.y``, whose
+      cancellation made the old implementation negative for clouds far from the origin (two 2048-point
+      unit-spread clouds at offset 1e4: -9.5e-4 where the exact value is +1.3e-3);
+    * both clouds are divided by a common power of two (exact) so that large inputs do not overflow
+      the squared differences; the result is scaled back;
+    * a value below 0 by at most ``1e-5 (2 A + B + C)`` (float32 rounding of the terms) is returned as
+      0; anything further below 0 cannot be rounding and returns NaN.
+
+    Non-finite inputs (a NaN or inf in ``x`` or ``y``, e.g. samples of a diverged model) return NaN,
+    never a plausible number.
+
+    Args:
+      x: ``(n, d)`` samples; y: ``(m, d)`` samples (cast to float32).
+    Returns:
+      scalar float32, ``>= 0`` or NaN.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -83,9 +139,21 @@ def energy_distance(x, y) -> jax.Array:
       >>> x = jax.random.normal(jax.random.PRNGKey(0), (64, 2))
       >>> bool(energy_distance(x, x + 1.0) > energy_distance(x, x + 0.1) > 0)
       True
+      >>> float(energy_distance(x, x.at[0, 0].set(jnp.nan)))
+      nan
     """
     x, y = _check_pair(x, y, "energy_distance")
-    return 2 * jnp.mean(_pdist(x, y)) - jnp.mean(_pdist(x, x)) - jnp.mean(_pdist(y, y))
+    finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
+    # Common power-of-two scale (exact: every float op below commutes with it barring over/underflow).
+    big = jnp.maximum(jnp.max(jnp.abs(x), initial=0.0), jnp.max(jnp.abs(y), initial=0.0))
+    _, e = jnp.frexp(jnp.where(finite & (big > 0), big, 1.0))
+    s = jnp.ldexp(jnp.float32(1.0), e)
+    xs, ys = x / s, y / s
+    a, b, c = _mean_dist(xs, ys), _mean_dist(xs, xs), _mean_dist(ys, ys)
+    ed = 2 * a - b - c
+    tol = _ED_RTOL * (2 * a + b + c)
+    ed = jnp.where(ed >= 0, ed, jnp.where(ed >= -tol, 0.0, jnp.nan))
+    return jnp.where(finite, ed * s, jnp.nan)
 
 
 def mmd_rbf(x, y, bandwidth: float | None = None) -> jax.Array:

@@ -60,3 +60,56 @@ def test_trained_model_beats_gaussian(name):
     sw_model = float(jaxlab.sliced_wasserstein2(gen, ref, kp, 512))
     sw_gauss = float(jaxlab.sliced_wasserstein2(jax.random.normal(kg, (1024, 2)), ref, kp, 512))
     assert sw_model < 0.7 * sw_gauss, (name, sw_model, sw_gauss)
+
+
+# ---------------------------------------------------------------- input validation
+
+
+def _toy():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 2))
+    return (lambda p, z, r, t: z @ p), jnp.eye(2), x
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(t=jnp.full(5, 0.5)), "flow_matching_loss: t must have shape (8,) to match x (8, 2), got (5,)"),
+        (dict(t=jnp.full((8, 1), 0.5)), "flow_matching_loss: t must have shape (8,) to match x (8, 2), got (8, 1)"),
+        (dict(noise=jnp.zeros((8, 1))), "flow_matching_loss: noise must have the shape of x (8, 2), got (8, 1)"),
+        (dict(t=jnp.full(8, 0.5).at[6].set(1.25).at[7].set(-1.0)),
+         "flow_matching_loss: t must lie in [0, 1] (0 = data, 1 = noise); 2 of 8 values outside, first t[6] = 1.25"),
+        (dict(t=jnp.full(8, 0.5).at[1].set(jnp.nan)),
+         "flow_matching_loss: t must lie in [0, 1] (0 = data, 1 = noise); 1 of 8 values outside, first t[1] = nan"),
+    ],
+)
+def test_bad_inputs_raise_with_expected_and_got(kwargs, expected):
+    apply, params, x = _toy()
+    with pytest.raises(ValueError) as err:
+        flow_matching_loss(apply, params, x, jax.random.PRNGKey(1), **kwargs)
+    assert str(err.value) == expected
+
+
+def test_valid_times_unchanged_edges_accepted_and_traced_times_skipped():
+    apply, params, x = _toy()
+    e = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    t = jnp.linspace(0.0, 1.0, 8)  # both closed ends are valid
+    loss, _ = flow_matching_loss(apply, params, x, jax.random.PRNGKey(1), t=t, noise=e)
+    tb = np.asarray(t)[:, None]
+    z = (1 - tb) * np.asarray(x) + tb * np.asarray(e)
+    assert float(loss) == pytest.approx(np.mean(np.sum((z - (np.asarray(e) - np.asarray(x))) ** 2, -1)), rel=1e-5)
+    # under jit the times are tracers: only shapes are checked (documented), so nothing raises here
+    f = jax.jit(lambda t_: flow_matching_loss(apply, params, x, jax.random.PRNGKey(1), t=t_, noise=e)[0])
+    assert np.isfinite(float(f(jnp.full(8, 2.0))))
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, None])
+def test_euler_sample_rejects_non_positive_steps_like_meanflow_sample(steps):
+    from jaxlab.losses import meanflow_sample
+
+    noise = jnp.ones((2, 2))
+    with pytest.raises(ValueError) as err:
+        euler_sample(lambda p, z, r, t: z, None, noise, steps=steps)
+    assert str(err.value) == f"euler_sample: steps must be a positive int, got {steps!r}"
+    with pytest.raises(ValueError) as ref:
+        meanflow_sample(lambda p, z, r, t: z, None, noise, steps=steps)
+    assert str(ref.value) == str(err.value).replace("euler_sample", "meanflow_sample")

@@ -572,3 +572,61 @@ def test_auto_converges_to_oracle_optimum():
     limit = float(oracle.estimator_limit_from_terms(terms_b))
     assert abs(limit - float(oracle.optimal_from_terms(terms_b))) > 0.05
     assert abs(lam_b - limit) < 0.03, (lam_b, limit)
+
+
+# ---------------------------------------------------------------- explicit times are validated (eagerly)
+
+
+def test_explicit_times_with_r_above_t_raise_naming_the_first_row(model, batch):
+    m, params = model
+    x, e, r, t = batch
+    key = jax.random.PRNGKey(0)
+    t_bad, r_bad = jnp.full(B, 0.5).at[3].set(0.5), jnp.full(B, 0.2).at[3].set(0.7).at[9].set(0.6)
+    msg = "meanflow_loss: r must satisfy 0 <= r <= t <= 1; 2 of 32 rows have r > t, first r[3] = 0.7 > t[3] = 0.5"
+    with pytest.raises(ValueError) as err:
+        meanflow_loss(m.apply, params, x, key, t=t_bad, r=r_bad, noise=e)
+    assert str(err.value) == msg
+    # swapped arguments (the classic mistake) are caught too
+    with pytest.raises(ValueError, match=r"rows have r > t, first r\[\d+\] = "):
+        meanflow_loss(m.apply, params, x, key, t=r, r=t, noise=e)
+
+
+@pytest.mark.parametrize(
+    "name, index, value, expected",
+    [
+        ("t", 5, 1.5, "t must lie in [0, 1] (0 = data, 1 = noise); 1 of 32 values outside, first t[5] = 1.5"),
+        ("r", 0, -0.25, "r must lie in [0, 1] (0 = data, 1 = noise); 1 of 32 values outside, first r[0] = -0.25"),
+        ("t", 2, float("nan"), "t must lie in [0, 1] (0 = data, 1 = noise); 1 of 32 values outside, first t[2] = nan"),
+    ],
+)
+def test_explicit_times_outside_unit_interval_raise(model, batch, name, index, value, expected):
+    m, params = model
+    x, e, r, t = batch
+    times = {"t": t, "r": r}
+    times[name] = times[name].at[index].set(value)
+    with pytest.raises(ValueError) as err:
+        meanflow_loss(m.apply, params, x, jax.random.PRNGKey(0), noise=e, **times)
+    assert str(err.value) == "meanflow_loss: " + expected
+
+
+def test_valid_explicit_times_unchanged_and_edges_accepted(model, batch):
+    m, params = model
+    x, e, r, t = batch
+    cfg = MeanFlowConfig(jvp_cond_weight=1.0, adaptive_p=0.75, adaptive_c=1e-3)
+    loss, _ = meanflow_loss(m.apply, params, x, jax.random.PRNGKey(0), config=cfg, t=t, r=r, noise=e)
+    np.testing.assert_allclose(loss, original_meanflow_loss(m.apply, params, x, e, r, t, 0.75, 1e-3), rtol=1e-5)
+    # the closed ends 0 <= r <= t <= 1 (r = t included) are valid; numpy inputs are checked too
+    edges = np.linspace(0.0, 1.0, B)
+    for tt, rr in ((edges, edges), (np.ones(B, np.float32), np.zeros(B, np.float32)), (jnp.asarray(edges), 0 * edges)):
+        loss, _ = meanflow_loss(m.apply, params, x, jax.random.PRNGKey(0), config=cfg, t=tt, r=rr, noise=e)
+        assert np.isfinite(float(loss))
+
+
+def test_time_checks_are_skipped_for_traced_times(model, batch):
+    """Under jit the times are tracers: only shapes are checked (documented), nothing raises."""
+    m, params = model
+    x, e, r, t = batch
+    f = jax.jit(lambda t_, r_: meanflow_loss(m.apply, params, x, jax.random.PRNGKey(0), t=t_, r=r_, noise=e)[0])
+    assert np.isfinite(float(f(r, t)))  # r > t in most rows: not seen at trace time
+    with pytest.raises(ValueError, match=r"t must have shape \(32,\)"):
+        f(t[:5], r[:5])

@@ -50,3 +50,76 @@ def test_energy_distance_matches_numpy_reference():
     d = lambda p, q: np.linalg.norm(p[:, None] - q[None], axis=-1).mean()
     ref = 2 * d(a, b) - d(a, a) - d(b, b)
     assert float(energy_distance(a, b)) == pytest.approx(ref, rel=1e-4)
+
+
+# ---------------------------------------------------------------- energy distance: numerics and flags
+
+
+def _energy_distance_f64(a, b):
+    """Independent float64 V-statistic on the float32-rounded inputs the metric sees."""
+    a, b = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b))
+    d = lambda p, q: np.sqrt(((p[:, None] - q[None]) ** 2).sum(-1)).mean()
+    return 2 * d(a, b) - d(a, a) - d(b, b), 2 * d(a, b) + d(a, a) + d(b, b)
+
+
+@pytest.mark.parametrize("offset, scale", [(0.0, 1.0), (0.5, 1.0), (1e4, 1.0), (0.0, 1e6), (0.0, 1e20)])
+def test_energy_distance_is_the_v_statistic_at_every_scale(offset, scale):
+    """Unchanged value for ordinary clouds; far-away (old Gram cancellation) and huge clouds stay accurate."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(512, 2)) * scale + offset
+    b = rng.normal(size=(384, 2)) * scale + offset + 0.1 * scale
+    ref, terms = _energy_distance_f64(a, b)
+    got = float(energy_distance(a, b))
+    assert got >= 0 and ref > 0
+    assert abs(got - ref) <= 1e-6 * terms, (got, ref)
+    assert float(jax.jit(energy_distance)(a, b)) == got
+
+
+def test_energy_distance_of_a_cloud_far_from_the_origin_is_not_negative():
+    # |x|^2 + |y|^2 - 2 x.y at |x| ~ 1e4 in float32 gave -9.5e-4 here; the exact value is +1.3e-3.
+    rng = np.random.default_rng(0)
+    rng.normal(size=(10, 2048, 2))  # skip to the draw the numbers above were seen at
+    a, b = rng.normal(size=(2048, 2)) + 1e4, rng.normal(size=(2048, 2)) + 1e4
+    ref, terms = _energy_distance_f64(a, b)
+    assert float(energy_distance(a, b)) == pytest.approx(ref, abs=1e-6 * terms)
+
+
+def test_energy_distance_same_points_in_another_order_is_rounding_close_to_zero(x):
+    """The exact value is 0; summation order leaves rounding only, never a negative number."""
+    perm = np.random.default_rng(0).permutation(x.shape[0])
+    for a in (x, x * 1e6 + 3e5):
+        b = a[perm]
+        _, terms = _energy_distance_f64(a, b)
+        assert 0.0 <= float(energy_distance(a, b)) <= 1e-7 * terms
+        assert float(energy_distance(a, a)) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_energy_distance_of_non_finite_samples_is_nan(x, bad):
+    y = x.at[17, 1].set(bad)
+    assert np.isnan(float(energy_distance(x, y)))
+    assert np.isnan(float(energy_distance(y, x)))
+    assert np.isnan(float(jax.jit(energy_distance)(y, y)))
+
+
+def test_energy_distance_clamps_rounding_and_flags_impossible_negatives(monkeypatch):
+    import jaxlab.metrics as metrics
+
+    pts = jnp.zeros((3, 2))  # with pts + 0.75 the power-of-two scale is 1, so the terms come back as is
+    for terms, expected in (((1.0, 1.0 + 1e-6, 1.0), 0.0), ((1.0, 1.5, 1.0), "nan"), ((1.0, 0.5, 0.5), 1.0)):
+        it = iter(terms)  # A, B, C in the order energy_distance asks for them
+        monkeypatch.setattr(metrics, "_mean_dist", lambda a, b, it=it: jnp.float32(next(it)))
+        got = float(metrics.energy_distance(pts, pts + 0.75))
+        assert (np.isnan(got) if expected == "nan" else got == expected), (terms, got)
+
+
+def test_energy_distance_blocked_rows_match_one_block(monkeypatch):
+    import jaxlab.metrics as metrics
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 5)), rng.normal(size=(257, 5)) + 0.1
+    whole = float(energy_distance(a, b))
+    monkeypatch.setattr(metrics, "_DIST_BLOCK_ELEMENTS", 257 * 5 * 7)  # 7-row blocks, last one padded
+    ref, terms = _energy_distance_f64(a, b)
+    assert float(metrics.energy_distance(a, b)) == pytest.approx(ref, abs=1e-6 * terms)
+    assert whole == pytest.approx(ref, abs=1e-6 * terms)

@@ -143,7 +143,9 @@ def test_nonfinite_stops_with_step_and_leaf_and_keeps_last_checkpoint(tmp_path, 
     cfg = make_cfg(tmp_path, f"nan_{kind}", base=base, **{"train.ckpt_every": 2, "train.steps": 10})
     with pytest.raises(NonFiniteError) as e:
         train(cfg)
-    assert "at step 5" in str(e.value) and needle in str(e.value)
+    # batch 5 (0-based) feeds the 6th update: errors count steps from 1, like metrics and checkpoints
+    assert "at step 6" in str(e.value) and needle in str(e.value)
+    assert str(e.value).endswith("the last good checkpoint is step 4")
     ck = Checkpointer(cfg.run_dir / "checkpoints")
     assert ck.latest_step() == 4  # the bad state (step 6) was never written
     abstract = jaxlab.TrainState(

@@ -11,8 +11,44 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["flow_matching_loss", "euler_sample"]
+
+
+def _concrete(a) -> np.ndarray | None:
+    """``a`` as a numpy array when its values are known now; ``None`` for a tracer (under ``jit``/``vmap``)."""
+    if isinstance(a, jax.core.Tracer):
+        return None
+    return np.asarray(a)
+
+
+def _check_unit_times(fn: str, name: str, a) -> None:
+    """Raise if concrete times ``a`` have values outside ``[0, 1]`` (NaN included); tracers are skipped."""
+    v = _concrete(a)
+    if v is None:
+        return
+    bad = ~((v >= 0) & (v <= 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{fn}: {name} must lie in [0, 1] (0 = data, 1 = noise); {int(bad.sum())} of {v.size} values "
+            f"outside, first {name}[{i}] = {v[i]!s}"
+        )
+
+
+def _check_inputs(x, t, noise) -> None:
+    if not hasattr(x, "shape"):
+        raise TypeError(f"flow_matching_loss: x must be an array (B, ...), got {type(x).__name__}")
+    if len(x.shape) < 1:
+        raise ValueError(f"flow_matching_loss: x must have shape (B, ...), got {x.shape}")
+    B = x.shape[0]
+    if t is not None:
+        if tuple(jnp.shape(t)) != (B,):
+            raise ValueError(f"flow_matching_loss: t must have shape ({B},) to match x {x.shape}, got {jnp.shape(t)}")
+        _check_unit_times("flow_matching_loss", "t", t)
+    if noise is not None and tuple(jnp.shape(noise)) != tuple(x.shape):
+        raise ValueError(f"flow_matching_loss: noise must have the shape of x {x.shape}, got {jnp.shape(noise)}")
 
 
 def flow_matching_loss(
@@ -31,9 +67,12 @@ def flow_matching_loss(
       params: model parameters (any pytree).
       x: ``(B, ...)`` data batch.
       key: PRNG key for ``t ~ U(0, 1)`` and ``e ~ N(0, I)``; unused parts may be passed explicitly.
-      t, noise: optional explicit times ``(B,)`` and noise (same shape as ``x``).
+      t, noise: optional explicit times ``(B,)`` in ``[0, 1]`` and noise (same shape as ``x``).
     Returns:
       ``(loss, aux)`` with ``aux = {"mse": per-dim mean squared error}``.
+    Raises:
+      ValueError: ``t`` or ``noise`` of the wrong shape; ``t`` with values outside ``[0, 1]``. The value
+        check runs eagerly only: under ``jit``/``vmap`` the times are tracers and only shapes are checked.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -43,7 +82,12 @@ def flow_matching_loss(
       >>> loss, aux = flow_matching_loss(apply, jnp.eye(2), x, jax.random.PRNGKey(1))
       >>> bool(jnp.isclose(loss, 2 * aux["mse"]))                 # sum over 2 dims vs per-dim mean
       True
+      >>> flow_matching_loss(apply, jnp.eye(2), x, jax.random.PRNGKey(1), t=jnp.full(8, 1.5))
+      Traceback (most recent call last):
+        ...
+      ValueError: flow_matching_loss: t must lie in [0, 1] (0 = data, 1 = noise); 8 of 8 values outside, first t[0] = 1.5
     """
+    _check_inputs(x, t, noise)
     kt, ke = jax.random.split(key)
     B = x.shape[0]
     t = jax.random.uniform(kt, (B,), x.dtype) if t is None else t
@@ -59,6 +103,8 @@ def flow_matching_loss(
 def euler_sample(apply_fn: Callable, params, noise: jax.Array, *, steps: int = 100) -> jax.Array:
     """Integrate ``dz/dt = v(z, t)`` from ``t = 1`` (noise) to ``t = 0`` (data) with ``steps`` Euler steps.
 
+    ``steps`` must be a positive int (``ValueError`` otherwise, as in ``meanflow_sample``).
+
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxlab.losses import euler_sample
@@ -66,6 +112,8 @@ def euler_sample(apply_fn: Callable, params, noise: jax.Array, *, steps: int = 1
       >>> euler_sample(apply, None, jnp.ones((1, 2)), steps=2).tolist()
       [[0.25, 0.25]]
     """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"euler_sample: steps must be a positive int, got {steps!r}")
     B = noise.shape[0]
     ts = jnp.linspace(1.0, 0.0, steps + 1)
 

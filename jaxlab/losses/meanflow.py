@@ -32,7 +32,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxlab.losses.flow_matching import _check_unit_times, _concrete
 from jaxlab.losses.time_sampling import logit_normal_time_pairs, num_flow_matching_rows
 
 __all__ = [
@@ -747,6 +749,8 @@ def _check_inputs(x, t, r, noise, y, config):
     for name, a in (("t", t), ("r", r)):
         if a is not None and tuple(jnp.shape(a)) != (B,):
             raise ValueError(f"meanflow_loss: {name} must have shape ({B},) to match x {x.shape}, got {jnp.shape(a)}")
+    if t is not None:
+        _check_time_values(t, r)
     if noise is not None and tuple(jnp.shape(noise)) != tuple(x.shape):
         raise ValueError(f"meanflow_loss: noise must have the shape of x {x.shape}, got {jnp.shape(noise)}")
     if y is not None and tuple(jnp.shape(y)) != (B,):
@@ -755,6 +759,22 @@ def _check_inputs(x, t, r, noise, y, config):
         raise ValueError(
             f"meanflow_loss: MeanFlowConfig.guidance_scale={config.guidance_scale!r} turns classifier-free "
             "guidance on, which needs labels: pass y (shape (B,), values in [0, num_classes))"
+        )
+
+
+def _check_time_values(t, r):
+    """Explicit times must satisfy ``0 <= r <= t <= 1``; checked on concrete arrays only (tracers skipped)."""
+    _check_unit_times("meanflow_loss", "t", t)
+    _check_unit_times("meanflow_loss", "r", r)
+    tv, rv = _concrete(t), _concrete(r)
+    if tv is None or rv is None:
+        return
+    bad = rv > tv
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"meanflow_loss: r must satisfy 0 <= r <= t <= 1; {int(bad.sum())} of {rv.size} rows have r > t, "
+            f"first r[{i}] = {rv[i]!s} > t[{i}] = {tv[i]!s}"
         )
 
 
@@ -842,9 +862,9 @@ def meanflow_loss(
       x: ``(B, ...)`` data.
       key: PRNG key for times, noise and label dropout (split as ``k_time, k_noise, k_drop``).
       config: :class:`MeanFlowConfig` (default: original MeanFlow).
-      t, r: explicit times ``(B,)`` (both or neither). With them given the loss is deterministic in its
-        inputs and every row goes through the JVP (``r = t`` rows give exactly ``T = v_c``) unless
-        ``prefix`` says how many leading rows have ``r = t``.
+      t, r: explicit times ``(B,)`` (both or neither) with ``0 <= r <= t <= 1``. With them given the loss
+        is deterministic in its inputs and every row goes through the JVP (``r = t`` rows give exactly
+        ``T = v_c``) unless ``prefix`` says how many leading rows have ``r = t``.
       noise: explicit ``e`` (shape of ``x``).
       y: integer labels ``(B,)`` (required with guidance).
       loss_state: the state from :func:`meanflow_init_state` / the previous ``aux["loss_state"]``;
@@ -858,6 +878,11 @@ def meanflow_loss(
       used), ``loss_state``, and with two tangents ``target_var`` (weighted mean of
       ``||(I - lam A) epshat||^2``, the target's spread around its deterministic part) and ``lam_hat``
       (this batch's clipped estimate).
+    Raises:
+      ValueError: inputs of the wrong shape; explicit ``t``/``r`` outside ``[0, 1]`` or with ``r > t`` in
+        some row (the message names the argument, how many entries are bad and the first one). The value
+        checks run eagerly only: under ``jit``/``vmap``/``grad`` the times are tracers and only their
+        shapes are checked.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -870,6 +895,11 @@ def meanflow_loss(
       >>> loss, aux = meanflow_loss(apply, params, x, jax.random.PRNGKey(1), config=cfg)
       >>> sorted(aux), int(aux["loss_state"]["step"])
       (['jvp_cond_weight', 'loss_state', 'mse', 'mse_fm', 'mse_mf'], 1)
+      >>> t = jnp.full(8, 0.5)
+      >>> meanflow_loss(apply, params, x, jax.random.PRNGKey(1), t=t, r=t.at[3].set(0.7), config=cfg)
+      Traceback (most recent call last):
+        ...
+      ValueError: meanflow_loss: r must satisfy 0 <= r <= t <= 1; 1 of 8 rows have r > t, first r[3] = 0.7 > t[3] = 0.5
 
     References:
       Geng et al. 2025 (arXiv 2505.13447) eqs. 9-11 and 19, adaptive weight sec. 4.3; specs/meanflow.md.

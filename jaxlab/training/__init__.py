@@ -8,7 +8,7 @@ tasks, imported here so they register) ; ``state`` <- ``train_step`` <- ``loop``
 """
 
 from jaxlab.training import tasks_lm, tasks_toy2d  # noqa: F401  (built-in tasks register on import)
-from jaxlab.training.checkpoint import Checkpointer
+from jaxlab.training.checkpoint import Checkpointer, CheckpointError
 from jaxlab.training.config import (
     ConfigError,
     DataConfig,
@@ -44,8 +44,10 @@ from jaxlab.training.registry import (
     validate_config,
 )
 from jaxlab.training.report import write_report
+from jaxlab.training.run_dir import RunDirLocked
 from jaxlab.training.state import TrainState
 from jaxlab.training.train_step import (
+    DivergenceError,
     NonFiniteError,
     make_pmap_train_step,
     make_shard_map_train_step,
@@ -57,9 +59,11 @@ __all__ = [
     "METHODS",
     "MODELS",
     "TASKS",
+    "CheckpointError",
     "Checkpointer",
     "ConfigError",
     "DataConfig",
+    "DivergenceError",
     "MeshConfig",
     "Method",
     "MetricsWriter",
@@ -67,6 +71,7 @@ __all__ = [
     "NonFiniteError",
     "OptimConfig",
     "RunConfig",
+    "RunDirLocked",
     "Task",
     "TaskConfig",
     "TrainConfig",

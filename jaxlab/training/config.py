@@ -41,6 +41,7 @@ __all__ = [
     "apply_set",
     "deep_merge",
     "dump_config",
+    "check_ranges",
 ]
 
 
@@ -101,7 +102,14 @@ class TaskConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Loop settings."""
+    """Loop settings.
+
+    ``steps >= 1``; ``log_every >= 1``; ``eval_every``/``ckpt_every`` ``>= 0`` (0: only at the end);
+    ``keep >= 1`` checkpoints. ``check_finite`` stops on a non-finite loss, gradient leaf or global gradient
+    norm; ``divergence_factor`` (``null`` to disable) also stops when the loss exceeds that multiple of the
+    median of the last ``divergence_window`` losses (checked once 20 losses are seen, and only while that
+    median is positive).
+    """
 
     steps: int = 2000
     log_every: int = 50
@@ -111,6 +119,8 @@ class TrainConfig:
     async_checkpoint: bool = True
     ema_decay: float | None = None
     check_finite: bool = True
+    divergence_factor: float | None = 100.0
+    divergence_window: int = 200
     progress: bool = True
 
 
@@ -304,7 +314,13 @@ def _read_yaml(path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a YAML mapping at top level, got {type(data).__name__}")
     return data
@@ -324,7 +340,51 @@ def read_config(path=None, *, overlays=(), sets=(), base: dict | None = None) ->
         tree = deep_merge(tree, _read_yaml(ov))
     for s in sets:
         tree = apply_set(tree, s)
-    return from_dict(RunConfig, tree)
+    cfg = from_dict(RunConfig, tree)
+    check_ranges(cfg)
+    return cfg
+
+
+# (key path, predicate, what is allowed) for every plain-data field with a range
+_RANGES = (
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.eval_size", lambda v: v >= 1, ">= 1"),
+    ("optim.learning_rate", lambda v: v > 0, "> 0 (the peak of the schedule)"),
+    ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.eps", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.final_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.grad_clip", lambda v: v is None or v > 0, "> 0 or null"),
+    ("train.steps", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.eval_every", lambda v: v >= 0, ">= 0 (0: evaluate at the end only)"),
+    ("train.ckpt_every", lambda v: v >= 0, ">= 0 (0: checkpoint at the end only)"),
+    ("train.keep", lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)"),
+    ("train.ema_decay", lambda v: v is None or 0 <= v < 1, "in [0, 1) or null"),
+    ("train.divergence_factor", lambda v: v is None or v > 1, "> 1 or null (off)"),
+    ("train.divergence_window", lambda v: v >= 1, ">= 1"),
+    ("mesh.data", lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
+    ("mesh.fsdp", lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
+    ("mesh.tensor", lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices"),
+)
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """Check the numeric range of every plain-data field that has one (see ``_RANGES``).
+
+    Raises:
+      ConfigError: ``KEY: got VALUE; expected RANGE``, for the first field out of range.
+    """
+    for key, ok, allowed in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key}: got {value!r}; expected {allowed}")
+    axes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    if axes.count(-1) > 1:
+        raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {axes}")
 
 
 def dump_config(cfg: RunConfig, path) -> None:

@@ -36,6 +36,7 @@ from jaxlab.training.methods import METHODS, build_optimizer
 __all__ = [
     "MODELS",
     "TASKS",
+    "TASK_DATASETS",
     "Task",
     "build_model",
     "build_task",
@@ -79,11 +80,19 @@ class Task:
 
 TASKS: dict[str, tuple[Callable, type | None]] = {}
 MODELS: dict[str, tuple[Callable, type | None]] = {}
+# task name -> the data.name values it accepts (a task that reads no data.name is absent)
+TASK_DATASETS: dict[str, tuple[str, ...]] = {}
 
 
-def register_task(name: str, builder: Callable, options_cls: type | None = None) -> None:
-    """Register ``builder(cfg, options, model) -> Task`` under ``name`` (``options_cls`` validates ``task.options``)."""
+def register_task(name: str, builder: Callable, options_cls: type | None = None, *,
+                  datasets: tuple[str, ...] | None = None) -> None:
+    """Register ``builder(cfg, options, model) -> Task`` under ``name`` (``options_cls`` validates ``task.options``;
+    ``datasets``, if given, are the ``data.name`` values the task accepts, checked before any compute)."""
     TASKS[name] = (builder, options_cls)
+    if datasets is None:
+        TASK_DATASETS.pop(name, None)
+    else:
+        TASK_DATASETS[name] = tuple(datasets)
 
 
 def register_model(name: str, builder: Callable, options_cls: type | None = None) -> None:
@@ -120,6 +129,10 @@ def validate_config(cfg: RunConfig) -> None:
                           f"method {cfg.optim.name!r} accepts {list(METHODS[cfg.optim.name].hyperparameters)}")
     _options(TASKS, "task", cfg.task.name, cfg.task.options)
     _options(MODELS, "model", cfg.model.name, cfg.model.options)
+    allowed = TASK_DATASETS.get(cfg.task.name)
+    if allowed is not None and cfg.data.name not in allowed:
+        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r} for task {cfg.task.name!r}; "
+                          f"available: {list(allowed)}")
 
 
 def load_config(path=None, *, overlays=(), sets=(), base: dict | None = None) -> RunConfig:

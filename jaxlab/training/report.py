@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import yaml
 
 from jaxlab.training.metrics import read_metrics
 
-__all__ = ["write_report", "markdown_table"]
+__all__ = ["write_report", "markdown_table", "suspicious_values"]
 
 
 def _fmt(v) -> str:
@@ -36,7 +37,7 @@ def _plot_series(by_split, run_dir: Path) -> list[str]:
     lines = []
     for split, rows in by_split.items():
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float) and k not in ("step",)})
-        keys = [k for k in keys if k != "steps_per_s"]
+        keys = [k for k in keys if k not in ("steps_per_s", "loss_steps")]
         if not keys:
             continue
         n = len(keys)
@@ -57,6 +58,28 @@ def _plot_series(by_split, run_dir: Path) -> list[str]:
     return lines
 
 
+# metric names (substrings) whose values cannot be negative
+NONNEGATIVE = ("sw2", "energy", "mmd", "fd", "grad_norm", "kl", "mse")
+
+
+def suspicious_values(rows: list[dict]) -> list[str]:
+    """One line per metric whose logged values are not finite, or negative where they cannot be."""
+    bad: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for r in rows:
+        for k, v in r.items():
+            if k in ("step", "split"):
+                continue
+            if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+                bad[(f"{r['split']}/{k}", "not finite")].append(r["step"])
+            elif isinstance(v, int | float) and v < 0 and any(n in k.lower() for n in NONNEGATIVE):
+                bad[(f"{r['split']}/{k}", "negative (cannot be)")].append(r["step"])
+    out = []
+    for (name, what), steps in bad.items():
+        shown = ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
+        out.append(f"`{name}` is {what} at {len(steps)} logged step(s): {shown}")
+    return out
+
+
 def write_report(run_dir, extra_lines: list[str] | None = None) -> Path:
     """Write ``run_dir/report.md`` (+ ``plots/{split}_metrics.png``) from ``run_dir/metrics.jsonl``.
 
@@ -64,6 +87,10 @@ def write_report(run_dir, extra_lines: list[str] | None = None) -> Path:
     evaluation, and every PNG under ``plots/``.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run dir {run_dir}")
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl (not a run dir, or the run logged nothing yet)")
     rows = read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no rows: nothing to report")
@@ -89,6 +116,16 @@ def write_report(run_dir, extra_lines: list[str] | None = None) -> Path:
         keys = sorted({k for r in by_split["eval"] for k in r if k not in ("step", "split")})
         md += ["## Evaluations", ""]
         md += [markdown_table(["step"] + keys, [[r["step"]] + [r.get(k, "") for k in keys] for r in by_split["eval"]]), ""]
+    flags = suspicious_values(rows)
+    if flags:
+        md += ["## Warnings", ""] + [f"- {f}" for f in flags] + [""]
+    changes = run_dir / "config_changes.jsonl"
+    if changes.is_file():
+        md += ["## Config changes on resume", ""]
+        for line in changes.read_text().splitlines():
+            row = json.loads(line)
+            md += [f"- from step {row['step']}: " + "; ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in row["changes"].items())]
+        md += [""]
     md += ["## Plots", ""] + _plot_series(by_split, run_dir)
     for line in extra_lines or []:
         if line not in md:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.data import toy2d_sampler
+from jaxlab.data import TOY2D_DATASETS, toy2d_sampler
 from jaxlab.losses import (
     MeanFlowConfig,
     euler_sample,
@@ -204,5 +204,5 @@ def _build_meanflow(cfg: RunConfig, opts: MeanFlowTaskOptions, model) -> Task:
 
 
 register_model("velocity_mlp", _build_velocity_mlp, VelocityMLPOptions)
-register_task("flow_matching", _build_flow_matching, FlowMatchingOptions)
-register_task("meanflow", _build_meanflow, MeanFlowTaskOptions)
+register_task("flow_matching", _build_flow_matching, FlowMatchingOptions, datasets=TOY2D_DATASETS)
+register_task("meanflow", _build_meanflow, MeanFlowTaskOptions, datasets=TOY2D_DATASETS)

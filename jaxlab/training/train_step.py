@@ -44,13 +44,18 @@ __all__ = [
     "make_pmap_train_step",
     "make_shard_map_train_step",
     "state_shardings",
+    "DivergenceError",
     "NonFiniteError",
     "raise_if_nonfinite",
     "leaf_paths",
 ]
 
 
-class NonFiniteError(FloatingPointError):
+class DivergenceError(FloatingPointError):
+    """Training diverged: the message names the 1-based step, what went wrong and the last good checkpoint."""
+
+
+class NonFiniteError(DivergenceError):
     """A loss or gradient became NaN/Inf; the message names the step and the first bad leaf."""
 
 
@@ -66,13 +71,16 @@ def _first_nonfinite(loss, grads) -> jax.Array:
     return jnp.where(jnp.all(flags), -1, jnp.argmin(flags)).astype(jnp.int32)
 
 
-def raise_if_nonfinite(code: int, step: int, paths: list[str]) -> None:
-    """Raise :class:`NonFiniteError` for a ``metrics["nonfinite"]`` code (no-op for ``-1``)."""
+def raise_if_nonfinite(code: int, step: int, paths: list[str], note: str = "") -> None:
+    """Raise :class:`NonFiniteError` for a ``metrics["nonfinite"]`` code (no-op for ``-1``).
+
+    ``step`` is the 1-based number of the step that produced it (as in metrics and checkpoints).
+    """
     code = int(code)
     if code < 0:
         return
     what = "the loss" if code == 0 else f"the gradient of params{paths[code - 1]}"
-    raise NonFiniteError(f"non-finite value (NaN/Inf) at step {step}: {what} is the first non-finite value")
+    raise NonFiniteError(f"non-finite value (NaN/Inf) at step {step}: {what} is the first non-finite value{note}")
 
 
 def state_shardings(state_abstract: TrainState, tx, mesh: Mesh, boxed_params=None, rules=None):
