@@ -13,6 +13,8 @@ plain ``jaxlab train`` config, so the sweep's own sizes (datasets, seeds, steps)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 
 import jaxlab
 from jaxlab.losses import euler_sample
+from jaxlab.training.config import to_dict
 from jaxlab.training.experiment import markdown_table, mean_std, setup, std_note
 
 # The sweep: the full table, and --quick (what `make demo` runs). config.yaml's train.steps is `jaxlab train`'s.
@@ -69,6 +72,12 @@ def plot_grid(samples: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def config_tag(cfg) -> str:
+    """8 hex digits of the resolved run config, ignoring where the run lives."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ("name", "out_dir")}
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def main(argv=None) -> int:
     # --steps goes to the sweep, not into the run config (steps_key=()); --seeds lands in cfg["seeds"].
     exp = setup(__file__, argv, description=__doc__, steps_key=())
@@ -84,6 +93,9 @@ def main(argv=None) -> int:
                 f"name={name}_s{seed}", f"out_dir={exp.out / 'runs'}", f"data.name={name}", f"seed={seed}",
                 f"train.steps={steps}", f"train.eval_every={steps}", f"train.ckpt_every={steps}",
             ])
+            # one run dir per resolved config: rerunning the same command reuses the finished runs, a
+            # changed budget or --set trains new ones (a run dir refuses to resume under another config)
+            cfg.name = f"{name}_s{seed}_{config_tag(cfg)}"
             state, _ = jaxlab.training.train(cfg)
             params = state.ema_params if state.ema_params is not None else state.params
             m, gen, ref = evaluate(cfg, params, cfg.data.eval_size, seed)
