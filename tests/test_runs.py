@@ -454,3 +454,12 @@ def test_report_flags_nonfinite_and_impossible_negative_metrics(tmp_path):
     assert "`eval/sw2` is not finite at 1 logged step(s): 10" in report
     assert "`eval/energy` is negative (cannot be) at 2 logged step(s): 10, 20" in report
     assert "log_likelihood" not in report.split("## Warnings")[1].split("##")[0]  # may be negative
+
+
+def test_batch_must_split_over_the_data_parallel_devices(tmp_path, eight_devices):
+    cfg = cfg_for(tmp_path, "split", **{"mesh.data": 4, "mesh.fsdp": 2, "data.batch_size": 36})
+    with pytest.raises(ConfigError, match=r"data.batch_size: got 36; expected a multiple of .* = 8"):
+        train(cfg, devices=eight_devices)
+    assert not cfg.run_dir.exists()
+    with pytest.raises(ConfigError, match=r"mesh: .*\(8 devices available\)"):
+        train(cfg_for(tmp_path, "big", **{"mesh.data": 16}), devices=eight_devices)
