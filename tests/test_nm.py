@@ -1,5 +1,6 @@
 """jaxlab.nm: N:M masks (tie rule), compressed format (packing, exact round trip), leaf selection."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +17,11 @@ _roundtrip_jit = jax.jit(lambda w, n, m, a: nm.decompress(nm.compress(w, n, m, a
 
 
 def np_mask(w: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
-    """Independent reference: stable sort by descending |w| inside each group (lower index first)."""
+    """Independent reference: stable sort by descending |w| inside each group (lower index first);
+    a NaN counts as magnitude +inf."""
     wt = np.moveaxis(np.asarray(w, np.float64), axis, -1)
     g = np.abs(wt).reshape(*wt.shape[:-1], -1, m)
+    g = np.where(np.isnan(g), np.inf, g)
     order = np.argsort(-g, axis=-1, kind="stable")[..., :n]
     keep = np.zeros(g.shape, bool)
     np.put_along_axis(keep, order, True, axis=-1)
@@ -76,11 +79,123 @@ def test_golden_tie_break_lower_index_wins():
 
 
 def test_mask_axis_default_reduction_axis():
+    K = jax.tree_util.DictKey
     assert nm.reduction_axis((), jnp.zeros((16, 8))) == 0
-    assert nm.reduction_axis((), jnp.zeros((3, 3, 16, 8))) == 2
-    assert nm.reduction_axis((), jnp.zeros((5, 16, 8))) == 1
+    assert nm.reduction_axis((K("conv"), K("kernel")), jnp.zeros((3, 3, 16, 8))) == 2  # HWIO: input channels
+    assert nm.reduction_axis((), jnp.zeros((3, 3, 16, 8))) == 2  # ndim >= 4, no name: a conv
+    assert nm.reduction_axis((K("DenseGeneral_0"), K("kernel")), jnp.zeros((16, 2, 4, 8))) == 0
+    # ndim 3 is a DenseGeneral (d_in, heads, head_dim) unless the module is named as a conv
+    assert nm.reduction_axis((), jnp.zeros((5, 16, 8))) == 0
+    assert nm.reduction_axis((K("attn"), K("q"), K("kernel")), jnp.zeros((16, 4, 8))) == 0
+    assert nm.reduction_axis((K("Conv_1"), K("kernel")), jnp.zeros((5, 16, 8))) == 1
+    assert nm.reduction_axis(("stem_conv1d", "kernel"), jnp.zeros((5, 16, 8))) == 1  # tuple-of-names paths too
     with pytest.raises(ValueError, match=r"shape \(4,\) has no reduction axis"):
-        nm.reduction_axis((jax.tree_util.DictKey("bias"),), jnp.zeros(4))
+        nm.reduction_axis((K("bias"),), jnp.zeros(4))
+
+
+class _FlaxLayers(nn.Module):
+    """Real Flax layers with kernels of ndim >= 3 (auto-named and user-named modules)."""
+
+    @nn.compact
+    def __call__(self, img, seq):
+        h = nn.Conv(16, (3, 3))(img)  # Conv_0 kernel (3, 3, 8, 16): kh, kw, in contracted
+        s = nn.Conv(16, (3,))(seq)  # Conv_1 kernel (3, 8, 16): 1-D conv, k and in contracted
+        q = nn.DenseGeneral(features=(4, 8))(s)  # DenseGeneral_0 kernel (16, 4, 8): (in, heads, head_dim)
+        k = nn.DenseGeneral(features=(4, 8), name="k")(s)  # the same layout under a user name
+        o = nn.DenseGeneral(16, axis=(-2, -1))(q + k)  # DenseGeneral_1 kernel (4, 8, 16): (heads, head_dim, out)
+        a = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, out_features=16)(s)
+        return h, o, a
+
+
+#: For each ndim >= 3 kernel of _FlaxLayers, the axes that the layer contracts (Flax: DenseGeneral kernels
+#: are (*in_axes, *out_axes); Conv kernels are (*kernel_size, in, out)) and the one the default groups along.
+_CONTRACTED = {
+    "Conv_0/kernel": ({0, 1, 2}, 2),
+    "Conv_1/kernel": ({0, 1}, 1),
+    "DenseGeneral_0/kernel": ({0}, 0),
+    "k/kernel": ({0}, 0),
+    "DenseGeneral_1/kernel": ({0, 1}, 0),
+    "MultiHeadDotProductAttention_0/query/kernel": ({0}, 0),
+    "MultiHeadDotProductAttention_0/key/kernel": ({0}, 0),
+    "MultiHeadDotProductAttention_0/value/kernel": ({0}, 0),
+    "MultiHeadDotProductAttention_0/out/kernel": ({0, 1}, 0),
+}
+
+
+def _groups_hold(x: np.ndarray, axis: int, m: int, n: int) -> bool:
+    """Every run of m consecutive entries along ``axis`` holds exactly n nonzeros."""
+    xt = np.moveaxis(x, axis, -1)
+    return bool(((xt.reshape(*xt.shape[:-1], -1, m) != 0).sum(-1) == n).all())
+
+
+def test_default_axis_of_real_flax_dense_general_and_conv_kernels():
+    from jaxlab.paths import slash_path
+    from jaxlab.transforms import prune, ste_adamw
+
+    params = _FlaxLayers().init(jax.random.PRNGKey(0), jnp.ones((1, 6, 6, 8)), jnp.ones((1, 5, 8)))["params"]
+    flat = {slash_path(p): (p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    kernels = {k: v for k, v in flat.items() if k.endswith("kernel")}
+    assert set(kernels) == set(_CONTRACTED)
+    axes = {slash_path(p): a for p, a in jax.tree_util.tree_flatten_with_path(
+        nm.nm_leaf_axes(params, 4, n=1), is_leaf=lambda a: a is None)[0]}
+    state = ste_adamw(1e-3, n=1, m=4).init(params)
+    pruned = {slash_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(prune(params, state))[0]}
+    packed = {slash_path(p): c for p, c in jax.tree_util.tree_flatten_with_path(
+        nm.compress_params(params, 1, 4), is_leaf=lambda c: isinstance(c, nm.NMCompressed))[0]}
+    for name, (path, w) in kernels.items():
+        contracted, want = _CONTRACTED[name]
+        assert want in contracted
+        assert nm.reduction_axis(path, w) == want, name
+        assert axes[name] == want, name  # never an output axis (the old rule took heads for (in, heads, dh))
+        # the deployed mask: every group of 4 consecutive entries along the contracted axis keeps exactly 1
+        assert _groups_hold(np.asarray(pruned[name]), want, 4, 1), name
+        assert packed[name].axis == want, name
+    # biases (even the 2-D (heads, head_dim) ones of DenseGeneral) stay dense
+    assert all(axes[k] is None for k in flat if k.endswith("bias"))
+    # an explicit nm_axis always wins: an int for every leaf, or a callable of (path, leaf)
+    by_fn = nm.nm_leaf_axes(params, 4, n=1, nm_axis=lambda p, x: x.ndim - 2)
+    assert by_fn["DenseGeneral_0"]["kernel"] == 1 and by_fn["MultiHeadDotProductAttention_0"]["out"]["kernel"] == 1
+    by_int = nm.nm_leaf_axes(params, 4, n=1, nm_axis=1)
+    assert by_int["k"]["kernel"] == 1 and by_int["Conv_0"]["kernel"] is None  # 3 along axis 1: stays dense
+
+
+# a pool rich in NaN, +-inf and exact ties (incl. +-0)
+_SPECIAL = np.array([np.nan, np.inf, -np.inf, 1.0, -1.0, 0.0, -0.0, 2.5, 2.5], np.float32)
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (5, 16)])
+def test_nan_inf_and_ties_keep_exactly_n_and_compress_keeps_the_mask(n, m):
+    rng = np.random.default_rng(n * 100 + m)
+    groups = 40
+    w = rng.choice(_SPECIAL, size=(groups * m, 3)).astype(np.float32)
+    w[:m, 0] = np.nan  # an all-NaN group
+    w[m : 2 * m, 0] = 7.0  # an all-equal group
+    w[2 * m : 3 * m, 0] = np.inf  # an all-inf group
+    w[3 * m : 4 * m, 0] = np.arange(m, dtype=np.float32)
+    w[3 * m, 0] = np.nan  # one NaN among finite values: kept, together with the n - 1 largest
+    for axis, ww in ((0, w), (1, np.ascontiguousarray(w.T))):
+        x = jnp.asarray(ww)
+        mask = np.asarray(nm.nm_mask(x, n, m, axis))
+        assert _groups_hold(mask.astype(np.float32), axis, m, n)
+        np.testing.assert_array_equal(mask, np_mask(ww, n, m, axis))
+        # the packed format keeps exactly the mask's entries: values, positions and round trip
+        c = nm.compress(x, n, m, axis)
+        back = np.asarray(nm.decompress(c))
+        np.testing.assert_array_equal(back, np.where(mask, ww, 0.0))  # NaN == NaN here
+        pos = np.moveaxis(np.asarray(nm.unpack_indices(c)), axis, -1)
+        mt = np.moveaxis(mask, axis, -1)
+        want_pos = np.nonzero(mt.reshape(*mt.shape[:-1], -1, m))[-1].reshape(*mt.shape[:-1], -1)
+        np.testing.assert_array_equal(pos, want_pos)
+        from jaxlab.nm.masks import nm_pruned_bits, unpack_pruned
+
+        bits = nm_pruned_bits(x, n, m, axis)
+        np.testing.assert_array_equal(np.asarray(unpack_pruned(bits, m, axis, x.shape)), ~mask)
+    # golden: a NaN ranks as +inf (tied with inf: the lower index wins)
+    g = jnp.array([[np.nan, 1.0, 2.0, 3.0], [1.0, np.inf, np.nan, 0.0], [np.nan, np.nan, np.nan, 9.0]])
+    np.testing.assert_array_equal(np.asarray(nm.nm_mask(g, 2, 4, axis=1)),
+                                  [[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(nm.nm_mask(g, 1, 4, axis=1)),
+                                  [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
 
 
 def test_packing_layout_golden():

@@ -131,27 +131,54 @@ def test_frozen_v_flags_bias_correction_and_eps():
     np.testing.assert_allclose(np.asarray(h["u"]["dense"]["kernel"]), -d, rtol=1e-5)
 
 
+def np_delta_v(g, v_prev, b2):
+    """|v_t - v_{t-1}| per element, in float64 from the raw gradient and the previous moment."""
+    g, v_prev = np.asarray(g, np.float64), np.asarray(v_prev, np.float64)
+    return np.abs((1 - b2) * (g * g - v_prev))
+
+
+def np_z(deltas, statistic):
+    """Z_t over all elements of the sparsifiable leaves: arithmetic or geometric (floored at 1e-30) mean."""
+    d = np.concatenate([x.ravel() for x in deltas])
+    return d.mean() if statistic == "mean" else np.exp(np.log(np.maximum(d, 1e-30)).mean())
+
+
+@pytest.mark.parametrize("statistic", ["mean", "geometric"])
 @pytest.mark.parametrize("b2", [B2, 0.0])  # 0: no memory, Z from the old moment (no back-substitution)
-def test_z_formula_ring_buffer_and_geometric(b2):
+def test_z_per_step_statistic_and_windowed_mean(b2, statistic):
+    """Z_t is the per-step mean (or per-step geometric mean) over elements of |v_t - v_{t-1}|; Zbar the
+    arithmetic mean over the last ``window`` steps, for both statistics."""
     params = make_params(3)
     window = 3
-    for statistic in ("mean", "geometric"):
-        tx = step_adamw(1e-3, b2=b2, switch_eps=0.0, t_min=50, t_max=50, window=window, statistic=statistic)
-        _, _, hist = run(tx, params, 7)
-        zs = []
-        for h in hist:
-            prev, new = inner(h["state"]), inner(h["new_state"])
-            diffs = [
-                np.abs(np.asarray(new.nu[n]["kernel"], np.float64) - np.asarray(prev.nu[n]["kernel"], np.float64))
-                for n in ("dense", "conv")
-            ]
-            z = np.concatenate([d.ravel() for d in diffs]).mean()  # mean over all sparsifiable elements
-            zs.append(z)
-            np.testing.assert_allclose(float(new.z), z, rtol=1e-4)
-            last = np.array(zs[-window:])
-            zbar = last.mean() if statistic == "mean" else np.exp(np.log(last).mean())
-            np.testing.assert_allclose(float(new.zbar), zbar, rtol=1e-4)
-            assert int(new.z_fill) == min(len(zs), window) and int(new.z_pos) == len(zs) % window
+
+    def grads(p, i):  # step 0 has exact zeros on the dense kernel (|v_1 - v_0| = 0: the floor is exercised)
+        g = grads_at(p, i)
+        if i == 0:
+            g["dense"]["kernel"] = g["dense"]["kernel"].at[:2].set(0.0)
+        return g
+
+    tx = step_adamw(1e-3, b2=b2, switch_eps=0.0, t_min=50, t_max=50, window=window, statistic=statistic)
+    _, _, hist = run(tx, params, 7, grad_fn=grads)
+    zs = []
+    for h in hist:
+        prev, new = inner(h["state"]), inner(h["new_state"])
+        # the independent definition: elementwise |v_t - v_{t-1}| from g_t and v_{t-1}
+        deltas = [np_delta_v(h["g"][k]["kernel"], prev.nu[k]["kernel"], b2) for k in ("dense", "conv")]
+        # ... which is what the state's moments moved by
+        for k, d in zip(("dense", "conv"), deltas):
+            moved = np.abs(np.asarray(new.nu[k]["kernel"], np.float64) - np.asarray(prev.nu[k]["kernel"]))
+            np.testing.assert_allclose(moved, d, rtol=1e-4, atol=1e-7)
+        z = np_z(deltas, statistic)
+        zs.append(z)
+        np.testing.assert_allclose(float(new.z), z, rtol=1e-4)
+        np.testing.assert_allclose(float(new.zbar), np.mean(zs[-window:]), rtol=1e-4)
+        assert int(new.z_fill) == min(len(zs), window) and int(new.z_pos) == len(zs) % window
+    # the geometric statistic is a per-step mean over elements, not a mean over time of per-step means
+    if statistic == "geometric":
+        mean_z = [np_z([np_delta_v(h["g"][k]["kernel"], inner(h["state"]).nu[k]["kernel"], b2)
+                        for k in ("dense", "conv")], "mean") for h in hist]
+        old_rule = np.exp(np.log(mean_z[-window:]).mean())
+        assert not np.isclose(float(inner(hist[-1]["new_state"]).zbar), old_rule, rtol=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -272,8 +299,11 @@ def test_named_pieces_z_statistic_frozen_direction_autoswitch(b2):
     news = [b2 * v + (1 - b2) * g * g for g, v in zip(gs, olds)]
     # Z_t = mean over all elements of |v_t - v_{t-1}| (from the new moments; the old ones when b2 = 0)
     z = z_statistic(gs, olds if b2 == 0.0 else news, b2)
-    want = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(news, olds)]).mean()
-    np.testing.assert_allclose(float(z), want, rtol=1e-5)
+    delta = np.concatenate([np.abs(np.asarray(a, np.float64) - np.asarray(b)).ravel() for a, b in zip(news, olds)])
+    np.testing.assert_allclose(float(z), delta.mean(), rtol=1e-5)
+    # geometric: exp of the mean over elements of log max(|v_t - v_{t-1}|, 1e-30)
+    zg = z_statistic(gs, olds if b2 == 0.0 else news, b2, geometric=True)
+    np.testing.assert_allclose(float(zg), np.exp(np.log(np.maximum(delta, 1e-30)).mean()), rtol=1e-4)
     # live direction = optax's Adam direction; frozen = m_hat / (sqrt(v_T0) + eps_frozen), v_T0 not corrected
     kw = dict(b1=B1, b2=b2, eps=EPS, eps_frozen=1e-4, bias_correct_frozen_v=False)
     t, mus = jnp.asarray(5, jnp.int32), [0.1 * g for g in gs]
@@ -286,10 +316,10 @@ def test_named_pieces_z_statistic_frozen_direction_autoswitch(b2):
     # AutoSwitch: a no-op in phase 2; in phase 1 it records Z_t and switches by the rule
     p1 = inner(step_adamw(1e-3, switch_eps=1.0, t_min=2, t_max=9, window=2).init(make_params()))
     p2 = p1._replace(phase=jnp.asarray(1, jnp.int32), switch_step=jnp.asarray(4, jnp.int32))
-    for a, b in zip(jax.tree.leaves(autoswitch(p2, jnp.float32(0.5), jnp.asarray(7), window=2, geometric=False,
+    for a, b in zip(jax.tree.leaves(autoswitch(p2, jnp.float32(0.5), jnp.asarray(7), window=2,
                                                switch_eps=1.0, t_min=2, t_max=9)), jax.tree.leaves(p2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    rule = dict(window=2, geometric=False, switch_eps=1.0, t_min=2, t_max=9)
+    rule = dict(window=2, switch_eps=1.0, t_min=2, t_max=9)
     s = autoswitch(p1, jnp.float32(0.5), jnp.asarray(2), **rule)  # Zbar < eps but t <= t_min: no switch
     assert int(s.phase) == 0 and float(s.zbar) == 0.5 and int(s.z_fill) == 1 and int(s.z_pos) == 1
     s = autoswitch(s, jnp.float32(0.25), jnp.asarray(3), **rule)
@@ -308,6 +338,10 @@ def test_bad_arguments():
         step_adamw(1e-3, t_min=0, t_max=5)  # switch_eps is required
     with pytest.raises(ValueError, match="statistic"):
         step_adamw(1e-3, switch_eps=0.0, t_min=0, t_max=5, statistic="median")
+    # a group size without a packed index format fails when the optimizer is built, not at export
+    for m in (3, 32):
+        with pytest.raises(ValueError, match=rf"1:{m} sparsity \(n=1, m={m}\).*supported M: \(2, 4, 8, 16\)"):
+            step_adamw(1e-3, n=1, m=m, switch_eps=0.0, t_min=0, t_max=5)
     forced = step_adamw(1e-3, m=4, switch_eps=0.0, t_min=0, t_max=5, sparsify=lambda p, x: x.ndim >= 2)
     with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\]: shape \(5, 8\) has length 5 on axis 0"):
         forced.init(params)

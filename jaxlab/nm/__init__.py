@@ -1,10 +1,13 @@
 """N:M structured sparsity primitives (pure jnp): masks, tie rule, compressed format, STE helper.
 
 Groups of ``M`` consecutive entries run along a leaf's matmul *reduction* axis (Flax ``Dense``
-kernel ``(d_in, d_out)``: axis 0; conv HWIO: axis -2). Among equal magnitudes the lower index wins.
+kernel ``(d_in, d_out)`` and ``DenseGeneral`` ``(*in_axes, *out_axes)``: axis 0; ``Conv`` HWIO: the input
+channels, axis -2; see :func:`reduction_axis`). Among equal magnitudes the lower index wins; NaN ranks
+as ``+inf``. Only group sizes in :data:`SUPPORTED_M` can be compressed.
 """
 
 from jaxlab.nm.compress import (
+    SUPPORTED_M,
     NMCompressed,
     compress,
     compress_params,
@@ -25,6 +28,7 @@ from jaxlab.nm.masks import (
 )
 
 __all__ = [
+    "SUPPORTED_M",
     "NMCompressed",
     "check_nm",
     "compress",

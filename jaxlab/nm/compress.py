@@ -10,9 +10,12 @@ For a weight ``w`` with grouping axis ``a`` of length ``K`` (groups of ``M`` con
   byte ``e // q`` at bit offset ``bits * (e % q)`` (first index in the lowest bits), zero padded.
 
 ``bits`` is the smallest power of two ``>= ceil(log2 M)``: M=2 -> 1, M=4 -> 2, M=8, 16 -> 4.
-The round trip is exact:
+The kept entries are exactly those of :func:`~jaxlab.nm.nm_mask` (same magnitude rank, lower index
+first among ties, NaN ranked as ``+inf``), and the round trip is exact:
 
-.. math:: \\operatorname{decompress}(\\operatorname{compress}(w)) = w \\odot \\operatorname{mask}(w).
+.. math:: \\operatorname{decompress}(\\operatorname{compress}(w)) = w \\odot \\operatorname{mask}(w)
+
+with pruned entries exactly ``0`` (also where ``w`` is ``±inf`` or NaN: ``jnp.where(mask, w, 0)``).
 
 Reference: Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA 2:4, arXiv 2104.08378),
 Sec. 3 (values + 2-bit metadata); STEP (Lu et al., ICML 2023) for the N:M ratios used.
@@ -28,6 +31,7 @@ from jaxlab.nm.masks import check_nm, nm_leaf_axes, nm_mask
 from jaxlab.paths import key_path
 
 __all__ = [
+    "SUPPORTED_M",
     "NMCompressed",
     "compress",
     "compress_params",
@@ -39,6 +43,10 @@ __all__ = [
 ]
 
 _BITS = {2: 1, 4: 2, 8: 4, 16: 4}
+
+#: Group sizes ``M`` with a packed index format (the keys of :func:`index_bits`' table). Masks work for
+#: any ``M``; the N:M optimizers accept only these, so that what they train can be exported.
+SUPPORTED_M: tuple[int, ...] = tuple(_BITS)
 
 
 def index_bits(m: int) -> int:
@@ -155,7 +163,9 @@ def compress(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = 
       name: leaf path for error messages.
 
     Returns:
-      :class:`NMCompressed` with ``decompress(result) == w * nm_mask(w, n, m, axis)`` exactly.
+      :class:`NMCompressed` keeping exactly the entries of ``nm_mask(w, n, m, axis)``:
+      ``decompress(result) == jnp.where(nm_mask(w, n, m, axis), w, 0)`` exactly (``w * mask`` where
+      ``w`` is finite; a NaN or ``inf`` that the mask prunes becomes ``0``, not ``nan``).
 
     Raises:
       ValueError: unsupported ``m``, ``n > m`` or ``w.shape[axis] % m != 0``.

@@ -11,7 +11,10 @@ of largest magnitude:
 
 **Tie rule: among equal magnitudes the lower index wins** (the rank counts equal entries that come
 *before* ``p``), so the mask is a deterministic function of ``w`` and exactly ``N`` entries per group
-are kept, ties included. ``-0.0`` and ``+0.0`` tie; NaN never outranks anything.
+are kept, ties included. ``-0.0`` and ``+0.0`` tie. **NaN ranks as an infinite magnitude**
+(:math:`|w| := +\\infty` for NaN, so it ties with ``±inf`` and the lower index wins): a group keeps exactly
+``N`` entries whatever it holds, and NaN weights are kept first (up to ``N`` per group) rather than
+hidden by the mask: they show in the forward pass instead of being silently zeroed in the deployed model.
 
 Reference: Lu et al., "STEP: Learning N:M Structured Sparsity Masks from Scratch with
 Precondition" (ICML 2023, arXiv 2302.01172), Sec. 2; Zhou et al., "Learning N:M Fine-grained
@@ -98,8 +101,9 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = N
 
     .. math:: \\operatorname{mask}_{g,p} = \\mathbb 1[\\#\\{q: |w_q|>|w_p|\\} + \\#\\{q<p: |w_q|=|w_p|\\} < n]
 
-    Magnitude decides; among equal magnitudes the lower index wins, so every group holds exactly
-    ``n`` ones. The rank is computed by ``m (m - 1)`` elementwise compares (no sort, no transpose), which XLA fuses.
+    Magnitude decides; among equal magnitudes the lower index wins, and a NaN counts as magnitude
+    ``+inf`` (tied with ``±inf``), so every group holds exactly ``n`` ones. The rank is computed by
+    ``m (m - 1)`` elementwise compares (no sort, no transpose), which XLA fuses.
 
     Args:
       w: array (any float dtype).
@@ -121,6 +125,8 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = N
       [False, True, True, False]
       >>> nm_mask(jnp.array([[2.0], [-1.0], [1.0], [1.0]]), 2, 4)[:, 0].tolist()  # tie: lower index wins
       [True, True, False, False]
+      >>> nm_mask(jnp.array([[1.0], [jnp.nan], [2.0], [-jnp.inf]]), 2, 4)[:, 0].tolist()  # NaN ties with inf
+      [False, True, False, True]
 
     Reference: STEP (Lu et al., ICML 2023), Sec. 2; SR-STE (Zhou et al., ICLR 2021), Eq. 1.
     """
@@ -141,7 +147,10 @@ def _keep_slots(w: jax.Array, n: int, m: int, axis: int) -> list[jax.Array]:
     elementwise loop in XLA; no sort, no ``(m, m)``-sized intermediate).
     """
     shape = w.shape
-    a = jnp.abs(w).reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1 :])
+    a = jnp.abs(w)
+    if jnp.issubdtype(a.dtype, jnp.floating):  # NaN ranks as +inf: compares are then a total order
+        a = jnp.where(jnp.isnan(a), jnp.asarray(jnp.inf, a.dtype), a)
+    a = a.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1 :])
     slots = [jax.lax.index_in_dim(a, p, axis + 1, keepdims=False) for p in range(m)]
     keep = []
     for p in range(m):
@@ -198,17 +207,45 @@ def _bits_dtype(m: int):
 
 
 def reduction_axis(path, leaf) -> int:
-    """Default N:M grouping axis of a parameter: the matmul's reduction (input) axis.
+    """Default N:M grouping axis of a parameter: a contracted (input) axis of the layer's matmul.
 
-    Flax ``Dense`` kernels are ``(d_in, d_out)`` (``y = x @ W``), so the groups run along axis 0;
-    convolution kernels are HWIO (``(..., in, out)``), so along the input-channel axis ``-2``.
+    N:M groups must run along an axis that the layer sums over, never along an output axis. Flax's
+    kernel layouts are
+
+    * ``Dense`` ``(d_in, d_out)``: contracted axis 0;
+    * ``DenseGeneral`` ``(*in_axes, *out_axes)`` -- e.g. the ``(d_in, heads, head_dim)`` q/k/v kernels of
+      ``DenseGeneral(features=(heads, head_dim))`` and ``MultiHeadDotProductAttention``: the *leading*
+      axes are contracted, so axis 0;
+    * ``Conv`` ``(*kernel_size, in, out)`` (HWIO, also ``ConvTranspose``/``ConvLocal``): ``kernel_size``
+      and ``in`` are contracted; by convention the groups run along the input channels, axis ``ndim - 2``.
+
+    Shape alone cannot tell a ``DenseGeneral`` ``(d_in, heads, head_dim)`` from a 1-D conv
+    ``(k, in, out)``, so for ``ndim >= 3`` the rule reads the name of the module that owns the leaf
+    (the path key before ``kernel``; Flax names unnamed modules ``Conv_0``, ``DenseGeneral_0``, ...):
+
+    .. math::
+
+        \\operatorname{axis} = \\begin{cases}
+          0 & \\text{ndim} = 2\\\\
+          \\text{ndim} - 2 & \\text{ndim} \\ge 3,\\ \\text{module name contains ``conv''}\\\\
+          0 & \\text{ndim} = 3,\\ \\text{or module name contains ``dense''}\\\\
+          \\text{ndim} - 2 & \\text{otherwise (ndim} \\ge 4\\text{, neither name: taken as a 2-D/3-D conv)}
+        \\end{cases}
+
+    (the first case that matches; names compared case-insensitively). Axis 0 is contracted in every
+    Flax layout, so the fallback for a 3-D kernel is never an output axis. Cases the rule cannot see need
+    an explicit ``nm_axis`` (an int, or ``(path, leaf) -> int``; it always wins over this rule): a 1-D
+    conv whose module name lacks ``conv`` (axis 0 is then its kernel width: contracted, but not the
+    input channels), kernels stacked by ``nn.scan``/``nn.vmap`` (a leading layer axis), or a multi-input
+    ``DenseGeneral`` such as attention's ``out`` ``(heads, head_dim, d)`` when the groups should run
+    along ``head_dim`` (axis 1) rather than ``heads``.
 
     Args:
-      path: the leaf's pytree path (unused by the default rule; kept so overrides can use it).
+      path: the leaf's pytree path (``tree_flatten_with_path`` keys or a tuple of names; may be ``()``).
       leaf: the parameter.
 
     Returns:
-      ``0`` for a 2-D kernel, ``ndim - 2`` for a conv kernel (``ndim >= 3``).
+      The non-negative grouping axis.
 
     Raises:
       ValueError: the leaf has fewer than 2 dimensions (no reduction axis).
@@ -216,16 +253,31 @@ def reduction_axis(path, leaf) -> int:
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxlab.nm import reduction_axis
-      >>> reduction_axis((), jnp.zeros((64, 32))), reduction_axis((), jnp.zeros((3, 3, 16, 8)))
-      (0, 2)
+      >>> reduction_axis(("dense", "kernel"), jnp.zeros((64, 32)))
+      0
+      >>> reduction_axis(("Conv_0", "kernel"), jnp.zeros((3, 3, 16, 8)))   # HWIO: input channels
+      2
+      >>> reduction_axis(("attn", "query", "kernel"), jnp.zeros((64, 4, 16)))   # (d_in, heads, head_dim)
+      0
+      >>> reduction_axis(("Conv_1", "kernel"), jnp.zeros((5, 16, 8)))   # 1-D conv (k, in, out)
+      1
     """
-    ndim = np.ndim(leaf)
+    shape = tuple(np.shape(leaf))
+    ndim = len(shape)
     if ndim < 2:
         raise ValueError(
-            f"{key_path(path)}: shape {tuple(np.shape(leaf))} has no reduction axis "
+            f"{key_path(path)}: shape {shape} has no reduction axis "
             "(N:M needs a matrix or conv kernel with ndim >= 2)"
         )
-    return 0 if ndim == 2 else ndim - 2
+    if ndim == 2:
+        return 0
+    keys = path_keys(path)
+    module = keys[-2].lower() if len(keys) >= 2 else ""
+    if "conv" in module:
+        return ndim - 2
+    if ndim == 3 or "dense" in module:
+        return 0
+    return ndim - 2
 
 
 def is_nm(leaf) -> bool:

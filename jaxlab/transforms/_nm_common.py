@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlab.nm.compress import SUPPORTED_M
 from jaxlab.nm.masks import check_nm, nm_leaf_axes, nm_mask, straight_through
 from jaxlab.paths import key_path
 from jaxlab.transforms.tree import find_states, map_leaves
@@ -79,6 +80,11 @@ class NMConfig:
     It lets :func:`sparse_forward_params` and :func:`prune` recompute the per-leaf grouping axes
     from ``params`` alone. ``sparsify`` is ``None``, a callable ``(path, leaf) -> bool`` or a
     frozen ``(treedef, flags)`` pair (from a pytree of bools).
+
+    :meth:`make` (called by every N:M optimizer factory) rejects a group size ``m`` outside
+    :data:`jaxlab.nm.SUPPORTED_M`: what the optimizer trains must be exportable with
+    :func:`jaxlab.nm.compress_params`, so an unpackable ``m`` fails when the optimizer is built, not at
+    export after training.
     """
 
     n: int
@@ -91,6 +97,11 @@ class NMConfig:
         n = static_int(n, "n")
         m = static_int(m, "m")
         check_nm((m,), n, m, 0)
+        if m not in SUPPORTED_M:
+            raise ValueError(
+                f"{n}:{m} sparsity (n={n}, m={m}): M={m} has no packed index format, so the trained weights "
+                f"could not be exported (jaxlab.nm.compress_params, NMDense); supported M: {SUPPORTED_M}"
+            )
         if sparsify is not None and not callable(sparsify):
             leaves, treedef = jax.tree_util.tree_flatten(sparsify)
             sparsify = (treedef, tuple(bool(x) for x in leaves))

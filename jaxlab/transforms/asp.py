@@ -102,7 +102,8 @@ def asp(
       ``w * M`` (:func:`jaxlab.transforms.sparse_forward_params`).
 
     Raises:
-      ValueError: ``prune_step < 1``, ``n > m``, or a selected leaf that cannot be grouped by ``m``.
+      ValueError: ``prune_step < 1``, ``n > m``, ``m`` not in :data:`jaxlab.nm.SUPPORTED_M` (it could
+        not be compressed for deployment), or a selected leaf that cannot be grouped by ``m``.
 
     Example:
       >>> from jaxlab.transforms import asp

@@ -117,6 +117,10 @@ def scale_by_sr_ste(
     Returns:
       ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
+    Raises:
+      ValueError: ``n > m`` or ``m`` not in :data:`jaxlab.nm.SUPPORTED_M` (the trained weights could not
+        be compressed for deployment); at ``init``/``update``, a selected leaf that cannot be grouped by ``m``.
+
     Example:
       >>> from jaxlab.transforms import scale_by_sr_ste
       >>> params = {"kernel": jnp.array([[1.0], [-3.0], [0.5], [2.0]])}

@@ -8,11 +8,13 @@ second moment of the sparsifiable leaves still moves,
     Z_t = \\frac{1}{|S|}\\sum_{i \\in S} |v_{t,i} - v_{t-1,i}|
         = \\frac{1-\\beta_2}{|S|}\\sum_{i\\in S} |g_{t,i}^2 - v_{t-1,i}|,
 
+(``statistic="mean"``; ``statistic="geometric"`` takes the geometric mean over the elements instead,
+:math:`Z_t = \\exp\\big(\\frac{1}{|S|}\\sum_{i\\in S}\\log\\max(|v_{t,i} - v_{t-1,i}|, 10^{-30})\\big)`),
 keeps the last ``T_w = round(1/(1-b2))`` values in a ring buffer and switches (one-way, globally) when
 
 .. math:: (\\bar Z_t < \\epsilon_{switch} \\wedge t > t_{min}) \\vee t > t_{max},
 
-where :math:`\\bar Z_t` is the mean (or geometric mean) of the buffer's filled entries. Step ``T_0``
+where :math:`\\bar Z_t` is the (arithmetic) mean of the buffer's filled entries. Step ``T_0``
 (the switching step) is still a phase-1 step. Phase 2 (mask learning) uses the straight-through forward
 ``w * mask(w)`` (:func:`jaxlab.transforms.sparse_forward_params`), adds the SR-STE term
 ``lam (1 - mask) * w`` to the gradient, keeps updating the first moment with the global bias correction
@@ -82,8 +84,7 @@ class StepState(NamedTuple):
         frozen at ``v_{T_0}`` in phase 2.
       phase: int32, 0 = precondition (dense AdamW), 1 = mask learning (frozen ``v``).
       switch_step: int32 ``T_0`` (the last phase-1 step), -1 before the switch.
-      z_buffer: float32 ring buffer of the last ``window`` statistics (``Z_t``, or ``log Z_t`` for
-        the geometric statistic).
+      z_buffer: float32 ring buffer of the last ``window`` statistics ``Z_t``.
       z_fill: int32 number of filled buffer entries (``<= window``).
       z_pos: int32 next write position.
       z: float32 ``Z_t`` of the last phase-1 step.
@@ -174,39 +175,58 @@ def frozen_v_direction(mus, nus, count, frozen, switch_step, *, b1, b2, eps, eps
             for mu, nu in zip(mus, nus)]
 
 
-def z_statistic(grads, nus, b2) -> jax.Array:
+def z_statistic(grads, nus, b2, *, geometric: bool = False) -> jax.Array:
     """AutoSwitch's statistic: how much the second moment of the sparsifiable leaves ``S`` still moves.
+
+    With the per-element change :math:`\\Delta_{t,i} = |v_{t,i} - v_{t-1,i}|
+    = \\frac{1-\\beta_2}{\\beta_2} |g_{t,i}^2 - v_{t,i}|`,
 
     .. math::
 
-        Z_t = \\frac{1}{|S|}\\sum_{i \\in S} |v_{t,i} - v_{t-1,i}|
-            = \\frac{1-\\beta_2}{\\beta_2\\,|S|}\\sum_{i\\in S} |g_{t,i}^2 - v_{t,i}|
+        Z_t = \\frac{1}{|S|}\\sum_{i \\in S} \\Delta_{t,i}\\quad\\text{(mean)},\\qquad
+        Z_t = \\exp\\Big(\\frac{1}{|S|}\\sum_{i \\in S} \\log\\max(\\Delta_{t,i}, 10^{-30})\\Big)
+        \\quad\\text{(geometric)}
 
-    (``v_{t-1} = (v_t - (1-b2) g_t^2) / b2``), written with the *new* moment so that the old one is read
-    only by its own update, which XLA can do in place. ``b2 = 0`` keeps no memory (``v_t = g_t^2``): then
-    ``nus`` are the old moments and ``Z_t = mean |g_t^2 - v_{t-1}|``.
+    over all elements of all sparsifiable leaves of this one step. The geometric mean floors each element
+    at ``1e-30`` so that an exactly unchanged entry (``Delta = 0``, e.g. a zero gradient while ``v = 0``)
+    contributes ``log 1e-30`` instead of ``-inf``. ``Delta`` is written with the *new* moment
+    (``v_{t-1} = (v_t - (1-b2) g_t^2) / b2``) so that the old one is read only by its own update, which XLA
+    can do in place. ``b2 = 0`` keeps no memory (``v_t = g_t^2``): then ``nus`` are the old moments and
+    ``Delta = |g_t^2 - v_{t-1}|``.
 
     Args:
       grads: list of the sparsifiable leaves' raw gradients ``g_t``.
       nus: their ``v_t`` (``v_{t-1}`` when ``b2 = 0``).
       b2: Adam's second-moment decay.
+      geometric: the element-wise geometric mean instead of the arithmetic one.
 
     Returns:
       ``Z_t`` (float32 scalar; the sums are accumulated in float32).
+
+    Example:
+      >>> from jaxlab.transforms.step import z_statistic
+      >>> g, v_new = [jnp.array([1.0, 2.0])], [jnp.array([0.5, 0.5])]   # b2 = 0.5: Delta = |g^2 - v_t|
+      >>> float(z_statistic(g, v_new, 0.5)), round(float(z_statistic(g, v_new, 0.5, geometric=True)), 4)
+      (2.0, 1.3229)
     """
+    scale = 1.0 if _is_zero(b2) else (1 - b2) / b2
+    if geometric:
+        sums = [jnp.sum(jnp.log(jnp.maximum(scale * jnp.abs(g * g - nu).astype(jnp.float32), _TINY)))
+                for g, nu in zip(grads, nus)]
+        return jnp.exp(sum(sums) / sum(g.size for g in grads))
     sums = [jnp.sum(jnp.abs(g * g - nu).astype(jnp.float32)) for g, nu in zip(grads, nus)]
     if not _is_zero(b2):
-        sums = [((1 - b2) / b2) * s for s in sums]
+        sums = [scale * s for s in sums]
     return sum(sums) / sum(g.size for g in grads)
 
 
-def autoswitch(state: StepState, z, t, *, window: int, geometric: bool, switch_eps, t_min, t_max) -> StepState:
+def autoswitch(state: StepState, z, t, *, window: int, switch_eps, t_min, t_max) -> StepState:
     """One AutoSwitch step: record ``Z_t`` in the ring buffer, average it, apply the one-way switch rule.
 
     .. math::
 
-        B_{p} \\leftarrow s(Z_t),\\quad s(Z) = Z \\ \\text{or}\\ \\log\\max(Z, 10^{-30}),\\qquad
-        \\bar Z_t = \\frac{1}{\\min(k_t, T_w)}\\sum_{j} B_j \\ \\ (\\text{geometric: } \\exp \\text{ of it}),
+        B_{p} \\leftarrow Z_t,\\qquad
+        \\bar Z_t = \\frac{1}{\\min(k_t, T_w)}\\sum_{j} B_j,
 
     .. math:: \\text{switch} \\iff \\text{phase 1} \\wedge \\big((\\bar Z_t < \\epsilon_{switch} \\wedge t > t_{min})
         \\vee t > t_{max}\\big),\\qquad T_0 = t
@@ -218,18 +238,16 @@ def autoswitch(state: StepState, z, t, *, window: int, geometric: bool, switch_e
       state: the state before this step (its ``phase``, ``switch_step`` and ``z_*`` fields are read).
       z: ``Z_t`` (:func:`z_statistic`; ignored in phase 2).
       t: the 1-based step number.
-      window, geometric, switch_eps, t_min, t_max: as in :func:`scale_by_step`.
+      window, switch_eps, t_min, t_max: as in :func:`scale_by_step`.
 
     Returns:
       ``state`` with ``phase``, ``switch_step``, ``z_buffer``, ``z_fill``, ``z_pos``, ``z``, ``zbar`` updated.
     """
     in_p2 = state.phase == 1
-    sample = jnp.log(jnp.maximum(z, _TINY)) if geometric else z
-    buf = state.z_buffer.at[state.z_pos].set(sample)
+    buf = state.z_buffer.at[state.z_pos].set(z)
     fill = jnp.minimum(state.z_fill + 1, window)
     pos = (state.z_pos + 1) % window
-    stat = jnp.sum(buf) / fill
-    zbar = jnp.exp(stat) if geometric else stat
+    zbar = jnp.sum(buf) / fill
     switch = jnp.logical_not(in_p2) & (((zbar < switch_eps) & (t > t_min)) | (t > t_max))
     keep = lambda old, new: jnp.where(in_p2, old, new)
     return state._replace(
@@ -276,13 +294,15 @@ def scale_by_step(
         \\end{cases}
 
     Args:
-      n, m: the N:M ratio.
+      n, m: the N:M ratio (``m`` in :data:`jaxlab.nm.SUPPORTED_M`, so that the result can be compressed).
       b1, b2, eps: Adam's decays and epsilon.
       switch_eps: AutoSwitch threshold on ``Zbar`` (its own scale: ``Z`` scales with ``g^2``).
       t_min, t_max: the switch never happens at ``t <= t_min`` and always happens by ``t = t_max + 1``.
       window: ring-buffer length ``T_w`` (default ``round(1 / (1 - b2))``).
-      statistic: ``"mean"`` (arithmetic mean of the buffer) or ``"geometric"`` (``exp`` of the mean
-        of ``log max(Z, 1e-30)``).
+      statistic: how one step's ``Z_t`` aggregates the per-element ``|v_t - v_{t-1}|`` over the
+        sparsifiable leaves: ``"mean"`` (arithmetic mean) or ``"geometric"`` (``exp`` of the mean of
+        ``log max(|v_t - v_{t-1}|, 1e-30)``; :func:`z_statistic`). Either way ``Zbar`` is the arithmetic
+        mean of the last ``window`` values of ``Z_t``.
       sr_ste_lambda: SR-STE coefficient added in phase 2 (``0`` disables it).
       eps_frozen: epsilon of the frozen denominator (default ``eps ** 0.75``).
       bias_correct_frozen_v: divide ``v_{T_0}`` by ``1 - b2^{T_0}`` (default off, as in the paper).
@@ -294,8 +314,9 @@ def scale_by_step(
       ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params)`` needs params.
 
     Raises:
-      ValueError: ``n > m``, ``t_min > t_max``, unknown ``statistic``, bad ``window``/``switch_eps``,
-        or a selected leaf that cannot be grouped by ``m`` (named by path, with its shape).
+      ValueError: ``n > m``, ``m`` not in :data:`jaxlab.nm.SUPPORTED_M`, ``t_min > t_max``, unknown
+        ``statistic``, bad ``window``/``switch_eps``, or a selected leaf that cannot be grouped by ``m``
+        (named by path, with its shape).
     """
     cfg = NMConfig.make(n, m, sparsify, nm_axis)
     if window is None:
@@ -363,10 +384,10 @@ def scale_by_step(
                 dirs[i] = d
 
         # AutoSwitch: Z_t only in phase 1 (lax.cond), then the ring buffer and the switch rule
-        z = jax.lax.cond(in_p2, lambda *_: jnp.zeros([], jnp.float32), lambda g_s, nu_s: z_statistic(g_s, nu_s, b2),
+        z = jax.lax.cond(in_p2, lambda *_: jnp.zeros([], jnp.float32),
+                         lambda g_s, nu_s: z_statistic(g_s, nu_s, b2, geometric=geometric),
                          [gs[i] for i in sparse], [(nus_old if b2_zero else nus)[i] for i in sparse])
-        new_state = autoswitch(state, z, t, window=window, geometric=geometric, switch_eps=switch_eps,
-                               t_min=t_min, t_max=t_max)
+        new_state = autoswitch(state, z, t, window=window, switch_eps=switch_eps, t_min=t_min, t_max=t_max)
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
         new_state = new_state._replace(count=t, mu=unflat(mus), nu=unflat(nus))
         return unflat([d.astype(g.dtype) for d, g in zip(dirs, gs)]), new_state
