@@ -260,6 +260,12 @@ def test_config_changes_ignores_location_and_display_only():
     a = {"name": "x", "out_dir": "runs", "train": {"progress": True, "steps": 3}, "optim": {"options": {}}}
     b = {"name": "y", "out_dir": "/abs/runs", "train": {"progress": False, "steps": 3}, "optim": {"options": {"n": 2}}}
     assert config_changes(a, b) == {"optim.options.n": ("<absent>", 2)}
+    # a key that did not exist when the run started means its default
+    old = {"train": {"steps": 3}}
+    assert config_changes(old, {"train": {"steps": 3, "divergence_factor": 100.0}},
+                          defaults={"train": {"divergence_factor": 100.0}}) == {}
+    assert config_changes(old, {"train": {"steps": 3, "divergence_factor": 5.0}},
+                          defaults={"train": {"divergence_factor": 100.0}}) == {"train.divergence_factor": (100.0, 5.0)}
 
 
 # ----------------------------------------------------------------------------- one writer

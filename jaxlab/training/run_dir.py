@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from jaxlab.training.config import ConfigError
+from jaxlab.training.config import ConfigError, RunConfig, to_dict
 
 __all__ = [
     "RunDirLocked",
@@ -121,14 +121,19 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(old: dict, new: dict, ignore=IGNORED_KEYS) -> dict[str, tuple]:
-    """``{dotted key: (old value, new value)}`` for every key that differs (``<absent>`` where missing)."""
+def config_changes(old: dict, new: dict, ignore=IGNORED_KEYS, defaults: dict | None = None) -> dict[str, tuple]:
+    """``{dotted key: (old value, new value)}`` for every key that differs (``<absent>`` where missing).
+
+    A key missing on one side counts as its value in ``defaults`` (a config written before the key existed
+    meant its default), so adding a config field never makes old runs unresumable.
+    """
     a, b = _flatten(old), _flatten(new)
+    d = _flatten(defaults or {})
     out = {}
     for k in sorted(set(a) | set(b)):
         if k in ignore:
             continue
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        va, vb = a.get(k, d.get(k, "<absent>")), b.get(k, d.get(k, "<absent>"))
         if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
             va, vb = list(va), list(vb)
         if va != vb:
@@ -155,7 +160,7 @@ def check_resume_config(run_dir, resolved: dict, *, allow_change: bool) -> dict[
     if not (resuming and stored_path.is_file()):
         return {}
     stored = yaml.safe_load(stored_path.read_text()) or {}
-    changes = config_changes(stored, resolved)
+    changes = config_changes(stored, resolved, defaults=to_dict(RunConfig()))
     if changes and not allow_change:
         raise ConfigError(
             f"{run_dir} holds a run started with a different config; changed keys: {format_changes(changes)}. "
