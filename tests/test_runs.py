@@ -217,10 +217,11 @@ def test_monitor_never_compares_losses_around_a_nonpositive_median():
         m.check(3, 1e6, 1.0)
 
 
-def test_logged_train_loss_is_the_mean_since_the_previous_log_line(tmp_path):
+@pytest.mark.parametrize("check_finite", ["true", "false"])  # host-side and on-device accumulation
+def test_logged_train_loss_is_the_mean_since_the_previous_log_line(tmp_path, check_finite):
     base = {**BASE, "task": {"name": "test_spike"}, "optim": {"name": "sgd", "learning_rate": 1e-30}}
     cfg = load_config(base=base, sets=[f"out_dir={tmp_path}", "name=mean", "train.steps=30", "train.log_every=10",
-                                       "train.divergence_factor=null"])
+                                       "train.divergence_factor=null", f"train.check_finite={check_finite}"])
     train(cfg)
     rows = [r for r in read_metrics(cfg.run_dir) if r["split"] == "train"]
     # lr ~0: the loss is the batch's scale: 1 at step 1, 50 at step 30, 1e-3 elsewhere

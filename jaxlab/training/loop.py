@@ -172,8 +172,9 @@ def fit(
             batch = global_batch(batch_fn(s), mesh)
             state, m = step_fn(state, batch)
             done = s + 1
-            loss = float(np.asarray(m["loss"]))
+            loss = m["loss"]  # stays on device (no per-step sync) unless the checks need it on the host
             if check_finite:
+                loss = float(np.asarray(loss))
                 try:
                     raise_if_nonfinite(m["nonfinite"], done, paths)
                     monitor.check(done, loss, float(np.asarray(m["grad_norm"])))
@@ -184,7 +185,7 @@ def fit(
             loss_sum, loss_n = loss_sum + loss, loss_n + 1
             if done % log_every == 0 or done == num_steps:
                 m = {k: float(np.asarray(v)) for k, v in m.items() if np.ndim(v) == 0 and k != "nonfinite"}
-                m["loss"], m["loss_steps"] = loss_sum / loss_n, loss_n
+                m["loss"], m["loss_steps"] = float(np.asarray(loss_sum)) / loss_n, loss_n
                 loss_sum, loss_n = 0.0, 0
                 now = time.perf_counter()
                 m["steps_per_s"] = (done - s0) / max(now - t0, 1e-9)
