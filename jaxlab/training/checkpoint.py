@@ -87,7 +87,10 @@ class Checkpointer:
             return
         leftovers = sorted(p for p in self.directory.iterdir() if _TMP_MARK in p.name)
         for p in leftovers:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         if leftovers:
             warnings.warn(
                 f"removed {len(leftovers)} unfinished checkpoint write(s) in {self.directory} left by an "
@@ -152,7 +155,7 @@ class Checkpointer:
                 failed.append((step, _reason(e)))
                 continue
             for bad, reason in failed:
-                dest = self._quarantine(bad, reason) if jax.process_index() == 0 else None
+                dest = self._quarantine(bad, reason) if jax.process_index() == 0 else self.damaged_directory
                 warnings.warn(
                     f"checkpoint step {bad} in {self.directory} could not be restored ({reason}); resumed from "
                     f"step {step} instead. The damaged checkpoint was moved to {dest}, not deleted.",
