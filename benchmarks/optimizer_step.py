@@ -5,7 +5,10 @@ is timed on the parameters of :class:`jaxlab.nn.Transformer` (N:M on every block
 Every optimizer is built through the method registry (``get_method(name).make(lr, common=...)``,
 as ``jaxlab train`` and the experiments build them). Timed: ``adamw`` (``optax.adamw``, the
 baseline), ``step`` (``step_adamw``) in phase 1 and in phase 2 (the state's phase forced to 1),
-``ste``, ``sr_ste`` and ``asp`` (before and after pruning); rows are labelled by the factory.
+``ste``, ``sr_ste`` and ``asp`` (before and after pruning); rows are labelled by the factory. Three
+phase-1 ablations split its cost: without the SR-STE term (``sr_ste_lambda=0``: its phase-1 work is
+the unpacking of an all-zero mask), with ``Z_t`` measured on one step in 10 (``z_every=10``) and
+never (``z_every=10**6``).
 Methods are interleaved within each repetition so that load on a shared machine hits all of them
 alike; the reported time is the median over repetitions of the mean over ``--inner`` back-to-back
 updates; ratios divide by adamw's median from the same run.
@@ -59,6 +62,9 @@ def build(args):
     rows = [  # (label: the factory behind the registry name, registry name, hyper-parameters, forced phase)
         ("adamw", "adamw", {}, None),
         ("step_adamw phase 1", "step", never, 0),
+        ("step_adamw phase 1, no SR-STE term", "step", {**never, "sr_ste_lambda": 0.0}, 0),
+        ("step_adamw phase 1, z_every=10", "step", {**never, "z_every": 10}, 0),
+        ("step_adamw phase 1, Z never (ablation)", "step", {**never, "z_every": 10**6}, 0),
         ("step_adamw phase 2", "step", never, 1),
         ("ste_adamw", "ste", {}, None),
         ("sr_ste_adamw", "sr_ste", {}, None),
@@ -131,9 +137,9 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(result, indent=2))
     print(f"optimizer update + apply, transformer d_model={args.d_model} layers={args.layers} "
           f"({n_params:,} params), {result['device']}")
-    print(f"{'optimizer':<26}{'median ms':>12}{'x adamw':>10}")
+    print(f"{'optimizer':<40}{'median ms':>12}{'x adamw':>10}")
     for r in rows:
-        print(f"{r['optimizer']:<26}{r['median_ms']:>12.3f}{r['ratio_vs_adamw']:>10.3f}")
+        print(f"{r['optimizer']:<40}{r['median_ms']:>12.3f}{r['ratio_vs_adamw']:>10.3f}")
     print(f"wrote {out}")
     return result
 

@@ -81,7 +81,7 @@ def test_after_switch_frozen_nu_moving_mu_and_update_formula():
     params = make_params(1)
     lr, wd, lam = 3e-3, 0.01, 2e-4
     tx = step_adamw(lr, n=2, m=4, b1=B1, b2=B2, eps=EPS, weight_decay=wd, switch_eps=0.0, t_min=1, t_max=3,
-                    sr_ste_lambda=lam)
+                    sr_ste_lambda=lam, bias_correct_frozen_v=False)  # the reference reading
     _, s, hist = run(tx, params, 8)
     assert int(step_switch_step(s)) == 4  # first t with t > t_max
     sw = [int(inner(h["new_state"]).phase) for h in hist]
@@ -129,6 +129,44 @@ def test_frozen_v_flags_bias_correction_and_eps():
     v = np.asarray(inner(h["new_state"]).nu["dense"]["kernel"])
     d = (mu / (1 - B1**t)) / (np.sqrt(v / (1 - B2**t0)) + 1e-3)
     np.testing.assert_allclose(np.asarray(h["u"]["dense"]["kernel"]), -d, rtol=1e-5)
+
+
+@pytest.mark.parametrize("z_every,window", [(3, 7), (2, 4)])
+def test_z_every_samples_the_same_window_in_time(z_every, window):
+    """Zbar with z_every = k is the mean of the per-step Z_t at the sampled steps t % k == 0 of the window."""
+    params = make_params(1)
+    kw = dict(b2=0.9, switch_eps=0.0, t_min=50, t_max=50, window=window)
+    _, _, every = run(step_adamw(1e-3, **kw), params, 14)
+    _, _, sampled = run(step_adamw(1e-3, z_every=z_every, **kw), params, 14)
+    z = [float(inner(h["new_state"]).z) for h in every]  # Z_t, t = 1..14 (phase 1: same trajectory)
+    samples = -(-window // z_every)  # ceil: the buffer length
+    for t, h in enumerate(sampled, start=1):
+        s = inner(h["new_state"])
+        picked = [z[u - 1] for u in range(1, t + 1) if u % z_every == 0][-samples:]
+        if not picked:
+            assert np.isinf(float(s.zbar))
+        else:
+            np.testing.assert_allclose(float(s.zbar), np.mean(picked), rtol=1e-6)
+        assert s.z_buffer.shape == (samples,)
+    # the updates do not depend on the sampling (phase 1 is AdamW either way)
+    close(every[-1]["u"], sampled[-1]["u"], rtol=0, atol=0)
+
+
+def test_defaults_switch_at_adam_eps_and_bias_correct_the_frozen_v():
+    """switch_eps=None is Adam's eps; the frozen v_T0 is divided by 1 - b2^T0 unless asked otherwise."""
+    params = make_params(2)
+    # Zbar of these O(1) gradients is far below eps = 10 and far above eps = 1e-12: the default switches at
+    # t_min + 1 with the first and at t_max + 1 with the second (as an explicit threshold equal to eps does)
+    for eps, t0 in ((10.0, 3), (1e-12, 6)):
+        _, s, _ = run(step_adamw(1e-3, eps=eps, t_min=2, t_max=5, window=2), params, 8)
+        _, s_explicit, _ = run(step_adamw(1e-3, eps=eps, switch_eps=eps, t_min=2, t_max=5, window=2), params, 8)
+        assert int(step_switch_step(s)) == int(step_switch_step(s_explicit)) == t0
+    kw = dict(n=1, m=4, b1=B1, b2=B2, switch_eps=0.0, t_min=0, t_max=2, sr_ste_lambda=0.0, eps_frozen=1e-3)
+    u = {flag: run(step_adamw(1.0, **({} if flag is None else {"bias_correct_frozen_v": flag}), **kw),
+                   params, 5)[2][4]["u"]["dense"]["kernel"] for flag in (None, True, False)}
+    np.testing.assert_array_equal(np.asarray(u[None]), np.asarray(u[True]))
+    # uncorrected: the denominator sqrt(v_T0) is smaller by sqrt(1 - b2^T0), so steps are larger
+    assert float(jnp.abs(u[False]).mean()) > 1.5 * float(jnp.abs(u[True]).mean())
 
 
 def np_delta_v(g, v_prev, b2):
@@ -335,9 +373,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="t_min=10 must be <= t_max=5"):
         step_adamw(1e-3, switch_eps=0.0, t_min=10, t_max=5)
     with pytest.raises(TypeError):
-        step_adamw(1e-3, t_min=0, t_max=5)  # switch_eps is required
+        step_adamw(1e-3, switch_eps=0.0, t_max=5)  # t_min (and t_max) are required
     with pytest.raises(ValueError, match="statistic"):
         step_adamw(1e-3, switch_eps=0.0, t_min=0, t_max=5, statistic="median")
+    with pytest.raises(ValueError, match="z_every must be >= 1, got 0"):
+        step_adamw(1e-3, t_min=0, t_max=5, z_every=0)
     # a group size without a packed index format fails when the optimizer is built, not at export
     for m in (3, 32):
         with pytest.raises(ValueError, match=rf"1:{m} sparsity \(n=1, m={m}\).*supported M: \(2, 4, 8, 16\)"):
