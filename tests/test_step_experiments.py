@@ -46,3 +46,11 @@ def test_step_lm_quick(tmp_path):
             np.testing.assert_allclose(r["deployed_bpb"], r["val_bpb"], rtol=1e-5)
     report = (tmp_path / "report.md").read_text()
     assert "sample std (ddof=1)" in report and "step − sr_ste (paired 95 % CI)" in report
+    # the premise probe: STEP's v is the dense shadow in every window that ends before its switch
+    assert (tmp_path / "premise.png").exists() and "STEP's premise" in report
+    for ratio in ((2, 4), (1, 4), (1, 8)):
+        r = res[("step", *ratio)]
+        ends, err = np.asarray(r["premise"]["step"]), np.asarray(r["premise"]["v_rel_err"])
+        for i, t0 in enumerate(r["switch_step"]):
+            assert np.all(err[i][ends <= t0] < 1e-4), (ratio, i, t0, err[i])
+        assert np.all(np.asarray(res[("sr_ste", *ratio)]["premise"]["v_rel_err"]) > 1e-4)

@@ -1,4 +1,4 @@
-"""Fast check of the N:M optimizers: an MLP on scikit-learn's digits (8x8 images, 10 classes).
+"""Fast check of the N:M optimizers: an MLP or a small conv net on scikit-learn's digits (8x8, 10 classes).
 
 Same grid as ``step_lm`` (dense / ASP / STE / SR-STE / STEP at 2:4, 1:4, 1:8, the same number of Adam
 steps for all, paired seeds vmapped) on a classifier that trains in seconds. Training, seeds and
@@ -8,6 +8,7 @@ paired differences (STEP − SR-STE, each sparse method − dense, 95 % t-interv
 step, the deployed hard-pruned model and the dense model pruned one-shot.
 
     jaxlab reproduce step_digits [--quick] [--seeds K] [--steps N] [--out DIR] [--set KEY=VALUE]
+    jaxlab reproduce step_digits --overlay experiments/step_digits/conv_v2.yaml   # the conv net, b2 = 0.999
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from jaxlab.training.experiment import (
     std_note,
 )
 from jaxlab.training.methods import get_method, make_schedule
+from jaxlab.training.nm_premise import nm_premise_probe, plot_premise, premise_summary, premise_table
 from jaxlab.transforms import map_leaves, path_filter, prune, step_statistics
 
 
@@ -44,6 +46,38 @@ class MLP(nn.Module):
         for i in range(self.depth):
             x = jax.nn.relu(nn.Dense(self.hidden, name=f"hidden_{i}")(x))
         return nn.Dense(10, name="head")(x)
+
+
+class ConvNet(nn.Module):
+    """``8x8x1 -> [Conv3x3(c) -> relu] per channel count -> avg-pool 2 -> Dense(hidden) -> relu -> Dense(10)``.
+
+    Conv kernels are HWIO ``(3, 3, c_in, c_out)``: N:M groups run along ``c_in`` (axis 2, the input
+    channels; :func:`jaxlab.nm.reduction_axis` reads the ``conv`` in the module name), so the first conv
+    (``c_in = 1``) stays dense; the hidden ``Dense`` kernel groups along its input features.
+    """
+
+    channels: tuple = (16, 32)
+    hidden: int = 64
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], 8, 8, 1)
+        for i, c in enumerate(self.channels):
+            x = jax.nn.relu(nn.Conv(c, (3, 3), name=f"conv_{i}")(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2)).reshape(x.shape[0], -1)
+        x = jax.nn.relu(nn.Dense(self.hidden, name="hidden")(x))
+        return nn.Dense(10, name="head")(x)
+
+
+def build_model(spec: dict) -> nn.Module:
+    """``{"kind": "mlp", hidden, depth}`` (default kind) or ``{"kind": "conv", channels, hidden}``."""
+    spec = dict(spec)
+    kind = spec.pop("kind", "mlp")
+    if kind == "mlp":
+        return MLP(**spec)
+    if kind == "conv":
+        return ConvNet(channels=tuple(spec.pop("channels", (16, 32))), **spec)
+    raise ValueError(f"step_digits: model.kind must be 'mlp' or 'conv', got {kind!r}")
 
 
 def load_digits_split(test_fraction: float, split_seed: int):
@@ -71,9 +105,9 @@ def optimizer(label: str, n: int, m: int, cfg: dict):
     hyper = {
         "asp": {"prune_step": max(1, int(cfg["asp"]["prune_frac"] * steps))},
         "sr_ste": {"sr_ste_lambda": cfg["sr_ste_lambda"]},
-        "step": {"switch_eps": st["switch_eps"], "t_min": int(st["t_min_frac"] * steps),
-                 "t_max": int(st["t_max_frac"] * steps), "window": st.get("window"),
-                 "sr_ste_lambda": cfg["sr_ste_lambda"]},
+        # t_min/t_max as fractions of the budget; every other step key goes to step_adamw as is
+        "step": {**{k: v for k, v in st.items() if not k.endswith("_frac")}, "t_min": int(st["t_min_frac"] * steps),
+                 "t_max": int(st["t_max_frac"] * steps), "sr_ste_lambda": cfg["sr_ste_lambda"]},
     }.get(label, {})
     common = {k: o[k] for k in ("b1", "b2", "eps", "weight_decay")}
     common.update(n=n, m=m, sparsify=cfg["sparsify_regex"])  # the registry turns the regex into path_filter
@@ -98,11 +132,15 @@ def run_setting(label, n, m, cfg, model, data, seeds) -> dict:
         idx = jax.random.randint(key, (cfg["train"]["batch"],), 0, xtr.shape[0])
         return xtr[idx], ytr[idx]
 
+    premise = cfg.get("premise") or {}
+    probe = None
+    if label in (premise.get("methods") or []):  # STEP's premise: flip rate and v vs a dense shadow
+        probe = nm_premise_probe(loss_fn, n=n, m=m, b2=cfg["optim"]["b2"], sparsify=cfg["sparsify_regex"])
     res = run_training(
         loss_fn, tx, lambda key: model.init(key, xtr[:1])["params"], batch_fn,
         steps=cfg["train"]["steps"], seeds=seeds, forward_params_fn=method.forward_params_fn,
         record_fn=(lambda st: step_statistics(st.opt_state)) if label == "step" else None,
-        desc=f"{label} {n}:{m}",
+        probe=probe, desc=f"{label} {n}:{m}",
     )
 
     @jax.jit
@@ -125,6 +163,7 @@ def run_setting(label, n, m, cfg, model, data, seeds) -> dict:
         "switch_step": tr["switch_step"][:, -1].tolist() if label == "step" else None,
         "z_trace": tr["z"][0].tolist() if label == "step" else None,
         "zbar_trace": tr["zbar"][0].tolist() if label == "step" else None,
+        "premise": premise_summary(tr, premise.get("every", 100)) if probe is not None else None,
         "seconds": res["seconds"],
     }
 
@@ -151,8 +190,15 @@ def report(exp, results: list[dict], cfg: dict) -> str:
     paired = [[f"{n}:{m}"] + [paired_difference(acc(a, n, m), acc(b, n, m), 100, 2)["text"] for a, b in pairs]
               for n, m in cfg["ratios"]]
     shot = [[f"{n}:{m}", mean_std(dense["oneshot_acc_by_ratio"][f"{n}:{m}"], 100)] for n, m in cfg["ratios"]]
-    return "\n".join(exp.header("step_digits: N:M sparse training of an MLP on scikit-learn digits") + [
-        f"MLP {cfg['model']}, {tr['steps']} Adam steps of batch {tr['batch']}, {k} paired seeds (same init "
+    probed = {f"{r['method']} {r['n']}:{r['m']}": r["premise"] for r in results if r.get("premise")}
+    premise_lines = [] if not probed else [
+        "", f"STEP's premise (`jaxlab.training.nm_premise`; window means, then {std_note(k)}): mask flips per "
+        "weight per step, and the optimizer's bias-corrected v vs a shadow dense Adam v on the same trajectory.",
+        "", markdown_table(*premise_table(probed))]
+    kind = cfg["model"].get("kind", "mlp")
+    return "\n".join(exp.header(f"step_digits: N:M sparse training of a{'n MLP' if kind == 'mlp' else ' conv net'} "
+                                 "on scikit-learn digits") + [
+        f"Model {cfg['model']}, b2 = {cfg['optim']['b2']}, {tr['steps']} Adam steps of batch {tr['batch']}, {k} paired seeds (same init "
         f"and batches for every method); N:M on `{cfg['sparsify_regex']}`; test split "
         f"{cfg['data']['test_fraction']} (seed {cfg['data']['split_seed']}).",
         "",
@@ -168,7 +214,7 @@ def report(exp, results: list[dict], cfg: dict) -> str:
         f"Dense model pruned one-shot by magnitude, no fine-tuning ({std_note(k)}):",
         "",
         markdown_table(["N:M", "test acc % (mean ± std)"], shot),
-    ])
+    ] + premise_lines)
 
 
 def plot(out: Path, results: list[dict], cfg: dict) -> None:
@@ -186,7 +232,7 @@ def plot(out: Path, results: list[dict], cfg: dict) -> None:
         ax.semilogy(t, r["z_trace"][:t0], color="C0", lw=0.8, alpha=0.6, label="Z_t")
         ax.semilogy(t, r["zbar_trace"][:t0], color="C0", lw=2, label="Zbar_t")
         ax.axvline(t0, color="C0", ls="--", lw=1)
-    ax.axhline(cfg["step"]["switch_eps"], color="k", ls=":", lw=1, label="switch_eps")
+    ax.axhline(cfg["step"].get("switch_eps") or cfg["optim"]["eps"], color="k", ls=":", lw=1, label="switch_eps")
     ax.set_xlabel("step t")
     ax.set_ylabel("Z_t")
     ax.set_title("STEP Z_t (seed 0; dashed: switch)")
@@ -206,6 +252,12 @@ def plot(out: Path, results: list[dict], cfg: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "digits.png", dpi=120)
     plt.close(fig)
+    probed = [r for r in results if r.get("premise")]
+    if probed:
+        label = lambda r: f"{r['method']} {r['n']}:{r['m']}"
+        plot_premise(out / "premise.png", {label(r): r["premise"] for r in probed},
+                     {label(r): r["switch_step"] for r in probed},
+                     title="STEP's premise on digits (mean over seeds, band: min..max; dotted: STEP's switch)")
 
 
 def main(argv=None) -> dict:
@@ -214,7 +266,7 @@ def main(argv=None) -> dict:
     if cfg["methods"][0] != "dense":
         raise ValueError(f"step_digits: methods must start with 'dense' (the reference); got {cfg['methods']}")
     data = load_digits_split(cfg["data"]["test_fraction"], cfg["data"]["split_seed"])
-    model = MLP(**cfg["model"])
+    model = build_model(cfg["model"])
     settings = [("dense", 2, 4)] + [(x, n, m) for n, m in cfg["ratios"] for x in cfg["methods"][1:]]
     results = [run_setting(x, n, m, cfg, model, data, exp.seeds) for x, n, m in settings]
     payload = exp.write(report(exp, results, cfg), {"results": results})

@@ -30,6 +30,7 @@ from jaxlab.nm import nm_leaf_axes, nm_mask
 from jaxlab.nn.transformer import Transformer, TransformerConfig, causal_lm_loss
 from jaxlab.training.experiment import mean_std, paired_difference, run_training, setup, std_note
 from jaxlab.training.methods import get_method, make_schedule
+from jaxlab.training.nm_premise import nm_premise_probe, plot_premise, premise_summary, premise_table
 from jaxlab.training.report import markdown_table
 from jaxlab.transforms import map_leaves, path_filter, prune, step_statistics
 
@@ -46,10 +47,9 @@ def make_optimizer(label: str, n: int, m: int, cfg: dict):
         extra["sr_ste_lambda"] = cfg["sr_ste_lambda"]
     if label == "asp":
         extra["prune_step"] = max(1, int(cfg["asp"]["prune_frac"] * steps))
-    if label == "step":
-        s = cfg["step"]
-        extra.update(switch_eps=s["switch_eps"], window=s.get("window"),
-                     t_min=int(s["t_min_frac"] * steps), t_max=int(s["t_max_frac"] * steps))
+    if label == "step":  # t_min/t_max as fractions of the budget; every other key goes to step_adamw as is
+        s = dict(cfg["step"])
+        extra.update(t_min=int(s.pop("t_min_frac") * steps), t_max=int(s.pop("t_max_frac") * steps), **s)
     method = get_method("adamw" if label == "dense" else label)
     shared = dict(b1=o["b1"], b2=o["b2"], eps=o["eps"], weight_decay=o["weight_decay"],
                   n=n, m=m, sparsify=cfg["sparsify_regex"])  # a regex: the registry applies path_filter
@@ -74,6 +74,11 @@ def run_setting(label, n, m, cfg, data, seeds, model) -> dict:
     def bits(params, tokens):
         return nats(params, tokens) / LN2
 
+    premise = cfg.get("premise") or {}
+    probe = None
+    if label in (premise.get("methods") or []):  # STEP's premise: flip rate and v vs a dense shadow
+        probe = nm_premise_probe(lambda p, batch, key: (nats(p, batch), {}), n=n, m=m, b2=cfg["optim"]["b2"],
+                                 sparsify=cfg["sparsify_regex"])
     res = run_training(
         lambda p, batch, key: (nats(p, batch), {}),
         tx,
@@ -82,6 +87,7 @@ def run_setting(label, n, m, cfg, data, seeds, model) -> dict:
         steps=tr["steps"], seeds=seeds, chunk=tr["chunk"], desc=f"step_lm {label} {n}:{m}",
         forward_params_fn=method.forward_params_fn,
         record_fn=(lambda st: step_statistics(st.opt_state)) if label == "step" else None,
+        probe=probe,
     )
 
     def one(p, s):
@@ -98,6 +104,7 @@ def run_setting(label, n, m, cfg, data, seeds, model) -> dict:
         "oneshot_bpb_by_ratio": {k: v.tolist() for k, v in oneshot.items()} or None,
         "final_train_bpb": (trace["loss"][:, -50:].mean(1) / LN2).tolist(),
         "switch_step": None, "z_trace": None, "zbar_trace": None,
+        "premise": premise_summary(trace, premise.get("every", 100)) if probe is not None else None,
         "train_seconds": res["seconds"],
     }
     if label == "step":  # T0 from the state's own record; Z_t / Zbar_t of seed 0
@@ -153,6 +160,15 @@ def write_report(exp, results: list[dict], cfg: dict, corpus_summary: dict) -> s
         markdown_table(["N:M", "bpb (mean ± std)"],
                        [[q, mean_std(dense["oneshot_bpb_by_ratio"][q], digits=4)] for q in ratios]),
     ]
+    probed = {f"{r['method']} {r['n']}:{r['m']}": r["premise"] for r in results if r.get("premise")}
+    if probed:
+        every = (cfg.get("premise") or {}).get("every", 100)
+        lines += ["", f"STEP's premise (`jaxlab.training.nm_premise`; {every}-step window means, then {std_note(k)}): "
+                  "the N:M magnitude mask's flips per weight per step, and the optimizer's bias-corrected second "
+                  "moment vs a shadow dense Adam second moment on the same trajectory (relative Frobenius "
+                  "error, mean over the N:M leaves; mean |log ratio| per element). STEP's v is live (= the "
+                  "shadow) before its switch and frozen after.", "",
+                  markdown_table(*premise_table(probed))]
     return "\n".join(lines)
 
 
@@ -178,9 +194,16 @@ def plot(out: Path, results: list[dict], cfg: dict) -> None:
                            ("zbar_trace", dict(lw=2, label="Zbar_t (ring-buffer mean)"))):
             ax.semilogy(np.arange(1, t0 + 1), step[key][:t0], color="C0", **style)
         ax.axvline(t0, color="C0", ls="--", lw=1)
-        ax.axhline(cfg["step"]["switch_eps"], color="k", ls=":", lw=1, label="switch_eps")
+        ax.axhline(cfg["step"].get("switch_eps") or cfg["optim"]["eps"], color="k", ls=":", lw=1, label="switch_eps")
         ax.set_title("STEP AutoSwitch statistic (dashed: switch step)")
         save(fig, ax, "z_trace.png", "step t", "mean |v_t - v_{t-1}| over N:M leaves")
+
+    probed = [r for r in results if r.get("premise")]
+    if probed:
+        plot_premise(out / "premise.png", {f"{r['method']} {r['n']}:{r['m']}": r["premise"] for r in probed},
+                     {f"{r['method']} {r['n']}:{r['m']}": r["switch_step"] for r in probed},
+                     title="STEP's premise: mask flips and the second moment vs a dense shadow (mean over seeds, "
+                           "band: min..max; dotted: STEP's switch)")
 
     ratios = [f"{n}:{m}" for n, m in cfg["ratios"]]
     cells = {(r["method"], f"{r['n']}:{r['m']}"): np.asarray(r["val_bpb"]) for r in results}

@@ -4,7 +4,7 @@ the task/model registry, the method (optimizer) registry and the experiment harn
 Module map (dependencies point down): ``config`` (plain data) <- ``methods`` (method registry) <-
 ``registry`` (tasks, models, validated ``load_config``) <- ``tasks_toy2d``, ``tasks_lm`` (built-in
 tasks, imported here so they register) ; ``state`` <- ``train_step`` <- ``loop`` ; ``experiment``
-(the harness every ``experiments/*/run.py`` uses).
+(the harness every ``experiments/*/run.py`` uses) <- ``nm_premise`` (the N:M premise probe it can carry).
 """
 
 from jaxlab.training import tasks_lm, tasks_toy2d  # noqa: F401  (built-in tasks register on import)
@@ -31,6 +31,7 @@ from jaxlab.training.methods import (
     register_method,
 )
 from jaxlab.training.metrics import MetricsWriter, read_metrics
+from jaxlab.training.nm_premise import Probe, nm_premise_probe, premise_summary
 from jaxlab.training.registry import (
     MODELS,
     TASKS,
@@ -70,6 +71,7 @@ __all__ = [
     "ModelConfig",
     "NonFiniteError",
     "OptimConfig",
+    "Probe",
     "RunConfig",
     "RunDirLocked",
     "Task",
@@ -90,6 +92,8 @@ __all__ = [
     "make_schedule",
     "make_shard_map_train_step",
     "make_train_step",
+    "nm_premise_probe",
+    "premise_summary",
     "read_config",
     "read_metrics",
     "register_method",

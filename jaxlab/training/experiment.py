@@ -256,7 +256,8 @@ def data_key(seed: int) -> jax.Array:
 
 
 class RunResult(dict):
-    """``{"state": TrainState stacked over runs, "trace": {name: array [runs, steps]}, "seconds": float}``."""
+    """``{"state": TrainState stacked over runs, "trace": {name: array [runs, steps, ...]}, "seconds": float,
+    "probe_state": the probe's final state (``()`` without a probe)}``."""
 
     @property
     def state(self) -> TrainState:
@@ -281,6 +282,7 @@ def run_training(
     init_loss_state: Any = None,
     ema_decay: float | None = None,
     record_fn: Callable[[TrainState], dict] | None = None,
+    probe: Any = None,
     vmap: bool = True,
     chunk: int | None = None,
     desc: str | None = None,
@@ -302,10 +304,14 @@ def run_training(
       steps: steps per run. seeds: seed list, or a count ``k`` for ``range(k)``.
       init_loss_state: the loss state of a fresh run (e.g. :func:`jaxlab.meanflow_init_state`).
       record_fn: ``state -> {name: scalar}`` logged after every step besides the step metrics.
+      probe: a :class:`jaxlab.training.nm_premise.Probe` (``init(state)``, ``update(probe_state,
+        state_before, state_after, batch) -> (probe_state, metrics)``) carried beside the train state;
+        its metrics join the trace and its final state is ``result["probe_state"]``.
       chunk: steps per compiled chunk (default: ``steps`` when no progress bar, else about 1/20 of them).
     Returns:
       :class:`RunResult`: final states stacked over runs, per-step traces ``[runs, steps]`` of the
-      metrics (``loss``, ``grad_norm``, ``nonfinite``, the loss's own, ``record_fn``'s) and wall seconds.
+      metrics (``loss``, ``grad_norm``, ``nonfinite``, the loss's own, ``record_fn``'s, ``probe``'s) and
+      wall seconds.
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     n_runs = len(seed_list)
@@ -323,19 +329,24 @@ def run_training(
 
     def init(seed, run_input):
         params = init_fn(seed_key(seed))
-        return TrainState.create(params=params, tx=tx, rng=jax.random.fold_in(seed_key(seed), 1),
-                                 ema_decay=ema_decay, loss_state=init_loss_state)
+        state = TrainState.create(params=params, tx=tx, rng=jax.random.fold_in(seed_key(seed), 1),
+                                  ema_decay=ema_decay, loss_state=init_loss_state)
+        return state, (probe.init(state) if probe is not None else ())
 
     def run_chunk(state, seed, run_input, start, n):
         dkey = data_key(seed)
 
-        def body(st, t):
+        def body(carry, t):
+            st, ps = carry
             key = jax.random.fold_in(dkey, t)
             batch = batch_fn(key) if run_inputs is None else batch_fn(key, run_input)
-            st, metrics = step(st, batch)
+            new, metrics = step(st, batch)
             if record_fn is not None:
-                metrics = {**metrics, **record_fn(st)}
-            return st, metrics
+                metrics = {**metrics, **record_fn(new)}
+            if probe is not None:
+                ps, probed = probe.update(ps, st, new, batch)
+                metrics = {**metrics, **probed}
+            return (new, ps), metrics
 
         return jax.lax.scan(body, state, start + jnp.arange(n))
 
@@ -369,7 +380,8 @@ def run_training(
                 bar.set_postfix_str(f"loss {float(np.mean(traces[-1]['loss'][:, -1])):.4g}", refresh=False)
     jax.block_until_ready(state)
     trace = {k: np.concatenate([t[k] for t in traces], axis=1) for k in traces[0]}
-    return RunResult(state=state, trace=trace, seconds=time.perf_counter() - t0)
+    state, probe_state = state
+    return RunResult(state=state, trace=trace, seconds=time.perf_counter() - t0, probe_state=probe_state)
 
 
 def _index(tree, i):

@@ -1,0 +1,278 @@
+"""STEP's premise, measured: do mask flips corrupt Adam's second moment under N:M training?
+
+The claim STEP rests on: with a straight-through N:M forward (STE / SR-STE) the masks flip, the
+gradients the optimizer sees change with them, and Adam's second moment ``v`` no longer estimates the
+variance a dense model's gradients would have; STEP trains dense first, then freezes ``v``. This probe
+follows one training run and, at every step ``t``, records
+
+* the **mask flip rate**: the fraction of the sparsifiable weights whose N:M magnitude-mask bit
+  differs from the previous step's,
+
+  .. math:: f_t = \\frac{1}{|S|}\\sum_{i\\in S} [\\,\\operatorname{mask}(w_t)_i \\ne \\operatorname{mask}(w_{t-1})_i\\,];
+
+* a **shadow dense second moment**: the EMA a dense Adam would keep on the *same trajectory*, fed with
+  the gradient of the loss at the dense weights (no mask) on the same batch and key,
+
+  .. math:: s_t = \\beta_2 s_{t-1} + (1-\\beta_2)\\,\\big(\\nabla_w L(w_{t-1})\\big)^2 ;
+
+* per sparsifiable leaf, the **relative error** of the bias-corrected second moment the optimizer holds
+  against the bias-corrected shadow,
+
+  .. math:: e_t = \\frac{\\lVert \\hat v_t - \\hat s_t\\rVert_F}{\\lVert \\hat s_t\\rVert_F},\\qquad
+      \\hat s_t = \\frac{s_t}{1-\\beta_2^t},\\quad
+      \\hat v_t = \\begin{cases} v_t / (1-\\beta_2^t) & \\text{live } v\\\\
+                                 v_{T_0}/(1-\\beta_2^{T_0}) & \\text{STEP's frozen } v \\end{cases}
+
+  and the mean absolute log-ratio ``mean |log(v_hat + tiny) - log(s_hat + tiny)|`` (a scale-free view
+  that large entries do not dominate; ``tiny = 1e-30``).
+
+Both moments are bias-corrected with their own horizon whatever ``bias_correct_frozen_v`` says, so the
+error measures *staleness or corruption* of the estimate, not the step-size scaling that flag selects.
+For dense AdamW and STEP's phase 1 the optimizer's ``v`` *is* the shadow (error 0 up to float rounding:
+a check of the probe). It costs one extra forward and backward pass per step.
+
+Use it through :func:`jaxlab.training.experiment.run_training`'s ``probe=`` argument::
+
+    probe = nm_premise_probe(loss_fn, n=2, m=4, b2=0.999, sparsify=r"block_\\d+/(attn|mlp)/\\w+/kernel$")
+    res = run_training(loss_fn, tx, init_fn, batch_fn, steps=..., seeds=..., probe=probe, ...)
+    res.trace["flip_rate"], res.trace["v_rel_err"]        # [runs, steps], [runs, steps, n_leaves]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlab.nm.masks import nm_leaf_axes, nm_mask
+from jaxlab.training.state import TrainState
+from jaxlab.transforms.sr_ste import SrSteState
+from jaxlab.transforms.step import StepState
+from jaxlab.transforms.tree import find_states, named_leaves, path_filter
+
+__all__ = [
+    "PremiseState",
+    "Probe",
+    "nm_premise_probe",
+    "optimizer_second_moment",
+    "plot_premise",
+    "premise_table",
+    "premise_summary",
+    "sparse_leaf_names",
+]
+
+_TINY = 1e-30
+
+
+class Probe(NamedTuple):
+    """A per-step measurement carried beside training by :func:`jaxlab.training.experiment.run_training`.
+
+    ``init(state) -> probe_state`` after ``TrainState.create``; ``update(probe_state, state_before,
+    state_after, batch) -> (probe_state, {name: array})`` after every step (traced inside the scan).
+    """
+
+    init: Callable[[TrainState], Any]
+    update: Callable[..., tuple[Any, dict]]
+
+
+class PremiseState(NamedTuple):
+    """State of :func:`nm_premise_probe`: the shadow dense ``s_t`` and the last masks (sparse leaves only)."""
+
+    shadow_nu: list
+    masks: list
+    count: jax.Array
+
+
+def optimizer_second_moment(opt_state) -> tuple[Any, jax.Array, jax.Array]:
+    """``(nu, count, horizon)`` of the Adam-family state inside ``opt_state``.
+
+    ``horizon`` is the ``t`` whose ``1 - b2^t`` bias-corrects ``nu``: ``count`` for a live moment, STEP's
+    switch step ``T_0`` once its ``v`` is frozen (phase 2). Looks through ``chain``/ASP's inner state for
+    :class:`~jaxlab.transforms.step.StepState`, :class:`~jaxlab.transforms.sr_ste.SrSteState` or
+    ``optax.ScaleByAdamState``.
+
+    Raises:
+      ValueError: no such state, or more than one.
+    """
+    states = find_states(opt_state, (StepState, SrSteState, optax.ScaleByAdamState))
+    if len(states) != 1:
+        raise ValueError(f"optimizer_second_moment: expected one Adam-family state (StepState, SrSteState or "
+                         f"ScaleByAdamState) in opt_state, found {len(states)}")
+    s = states[0]
+    horizon = s.count
+    if isinstance(s, StepState):
+        horizon = jnp.where(s.phase == 1, jnp.maximum(s.switch_step, 1), s.count)
+    return s.nu, s.count, horizon
+
+
+def sparse_leaf_names(params, m: int, *, sparsify=None, nm_axis=None) -> list[str]:
+    """Slash paths of the N:M leaves (the order of :func:`nm_premise_probe`'s per-leaf columns)."""
+    flat_axes = jax.tree_util.tree_structure(params).flatten_up_to(_axes(params, m, sparsify, nm_axis))
+    return [name for (name, _), a in zip(named_leaves(params), flat_axes) if a is not None]
+
+
+def _axes(params, m, sparsify, nm_axis):
+    if isinstance(sparsify, str):
+        sparsify = path_filter(sparsify)
+    return nm_leaf_axes(params, m, sparsify=sparsify, nm_axis=nm_axis)
+
+
+def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=None, nm_axis=None) -> Probe:
+    """Probe of the mask flip rate and of ``v``'s distance from a shadow dense second moment.
+
+    Args:
+      loss_fn: ``(params, batch, key) -> (loss, aux)``, the training loss (evaluated here at the
+        *dense* weights).
+      n, m: the N:M ratio whose magnitude masks are compared step to step.
+      b2: the optimizer's second-moment decay (the shadow uses the same).
+      sparsify, nm_axis: which leaves are N:M and along which axis, as given to the optimizer
+        (:func:`jaxlab.nm.nm_leaf_axes`; ``sparsify`` may also be a path regex).
+
+    Returns:
+      :class:`Probe` whose metrics are ``flip_rate`` (scalar), ``v_rel_err`` and ``v_log_err``
+      (``[n_sparse_leaves]``, in :func:`sparse_leaf_names` order).
+
+    Raises:
+      ValueError: no leaf is selected (at ``init``), or no single Adam-family state in the optimizer.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxlab.training.experiment import run_training
+      >>> from jaxlab.training.nm_premise import nm_premise_probe
+      >>> loss = lambda p, b, k: (jnp.mean((b @ p["w"]) ** 2), {})
+      >>> init = lambda k: {"w": jax.random.normal(k, (8, 2))}
+      >>> batch = lambda k: jax.random.normal(k, (4, 8))
+      >>> res = run_training(loss, optax.adam(1e-2, b2=0.9), init, batch, steps=5, seeds=1, progress=False,
+      ...                    probe=nm_premise_probe(loss, n=2, m=4, b2=0.9, sparsify=r"w"))
+      >>> float(res.trace["v_rel_err"].max()) < 1e-5   # dense Adam: v is the shadow
+      True
+    """
+    b2 = float(b2)
+
+    def sparse(tree) -> list:  # [(leaf, axis)] of the N:M leaves; the axes are static (read from shapes)
+        flat_axes = jax.tree_util.tree_structure(tree).flatten_up_to(_axes(tree, m, sparsify, nm_axis))
+        return [(x, a) for x, a in zip(jax.tree_util.tree_leaves(tree), flat_axes) if a is not None]
+
+    def masks_of(params) -> list:
+        return [nm_mask(w, n, m, a) for w, a in sparse(params)]
+
+    def init(state: TrainState) -> PremiseState:
+        pairs = sparse(state.params)
+        if not pairs:
+            raise ValueError(f"nm_premise_probe: `sparsify` selects no leaf for {n}:{m} (nothing to measure)")
+        return PremiseState(shadow_nu=[jnp.zeros(w.shape, jnp.float32) for w, _ in pairs],
+                            masks=masks_of(state.params), count=jnp.zeros([], jnp.int32))
+
+    def update(ps: PremiseState, before: TrainState, after: TrainState, batch):
+        key = jax.random.fold_in(before.rng, before.step)
+        g = jax.grad(lambda p: loss_fn(p, batch, key)[0])(before.params)
+        t = ps.count + 1
+        shadow = [b2 * s + (1 - b2) * jnp.square(gi.astype(jnp.float32)) for s, (gi, _) in zip(ps.shadow_nu, sparse(g))]
+        nu, _, horizon = optimizer_second_moment(after.opt_state)
+        c_s = 1 - b2 ** t.astype(jnp.float32)
+        c_v = 1 - b2 ** horizon.astype(jnp.float32)
+        rel, logs = [], []
+        for s, (v, _) in zip(shadow, sparse(nu)):
+            s_hat, v_hat = s / c_s, v.astype(jnp.float32) / c_v
+            rel.append(jnp.linalg.norm((v_hat - s_hat).ravel()) / jnp.maximum(jnp.linalg.norm(s_hat.ravel()), _TINY))
+            logs.append(jnp.mean(jnp.abs(jnp.log(v_hat + _TINY) - jnp.log(s_hat + _TINY))))
+        masks = masks_of(after.params)
+        flips = sum(jnp.sum(a != b) for a, b in zip(masks, ps.masks)) / sum(x.size for x in masks)
+        metrics = {"flip_rate": flips.astype(jnp.float32), "v_rel_err": jnp.stack(rel), "v_log_err": jnp.stack(logs)}
+        return PremiseState(shadow_nu=shadow, masks=masks, count=t), metrics
+
+    return Probe(init, update)
+
+
+def premise_summary(trace: dict, every: int = 100) -> dict:
+    """Per-``every``-step means of the probe's traces (``[runs, steps(, leaves)]`` from ``run_training``).
+
+    Returns ``{"step": [end step of each window], "flip_rate": [runs][windows], "v_rel_err":
+    [runs][windows] (mean over the sparse leaves), "v_log_err": likewise, "v_rel_err_by_leaf":
+    [windows][leaves] (mean over runs)}``; a last partial window is dropped.
+    """
+    flips = np.asarray(trace["flip_rate"], np.float64)
+    runs, steps = flips.shape
+    k = steps // every
+    if k < 1:
+        raise ValueError(f"premise_summary: {steps} steps is less than one window of {every}")
+
+    def win(x):  # [runs, steps, ...] -> [runs, k, ...]
+        x = np.asarray(x, np.float64)[:, : k * every]
+        return x.reshape(runs, k, every, *x.shape[2:]).mean(2)
+
+    rel, logs = win(trace["v_rel_err"]), win(trace["v_log_err"])
+    return {"step": [every * (i + 1) for i in range(k)], "flip_rate": win(flips).tolist(),
+            "v_rel_err": rel.mean(-1).tolist(), "v_log_err": logs.mean(-1).tolist(),
+            "v_rel_err_by_leaf": rel.mean(0).tolist()}
+
+
+def plot_premise(path, curves: dict, switch_steps: dict | None = None, title: str = "") -> None:
+    """Two panels: mask flip rate and ``v``'s relative error vs the dense shadow, per 100-step window.
+
+    Args:
+      path: output PNG.
+      curves: ``{label: premise_summary(...)}``; each curve is the mean over runs, with a band of the
+        per-run min..max.
+      switch_steps: ``{label: [T_0 per run]}`` drawn as dotted verticals (STEP).
+      title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for j, (label, s) in enumerate(curves.items()):
+        x = np.asarray(s["step"])
+        for ax, key in zip(axes, ("flip_rate", "v_rel_err", "v_log_err")):
+            y = np.asarray(s[key])
+            ax.plot(x, y.mean(0), color=f"C{j}", lw=1.5, label=label)
+            ax.fill_between(x, y.min(0), y.max(0), color=f"C{j}", alpha=0.15, lw=0)
+        for t0 in (switch_steps or {}).get(label, []) or []:
+            for ax in axes:
+                ax.axvline(t0, color=f"C{j}", ls=":", lw=0.8)
+    axes[0].set(ylabel="mask flips per weight per step", yscale="log")
+    axes[1].set(ylabel="||v_hat - s_hat||_F / ||s_hat||_F  (mean over leaves)")
+    axes[2].set(ylabel="mean |log v_hat - log s_hat|")
+    for ax in axes:
+        ax.set_xlabel("step (window end; 100-step means)")
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def premise_table(rows: dict, fractions=(0.1, 0.5, 1.0)) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of a markdown table: flip rate and ``v`` errors at fractions of the budget.
+
+    Args:
+      rows: ``{label: premise_summary(...)}``.
+      fractions: where to read the windows (the window ending nearest ``fraction * budget``).
+
+    Cells are mean ± sample std (ddof = 1) over runs, 3 significant digits.
+    """
+
+    def cell(x):
+        x = np.asarray(x, np.float64)
+        sd = x.std(ddof=1) if x.size > 1 else float("nan")
+        return f"{x.mean():.3g} ± {sd:.2g}"
+
+    header, body = ["run"], []
+    first = next(iter(rows.values()), None)
+    if first is None:
+        return header, body
+    steps = np.asarray(first["step"])
+    picks = [int(np.argmin(np.abs(steps - f * steps[-1]))) for f in fractions]
+    for name in ("flips/weight/step", "v rel. err", "mean |log ratio|"):
+        header += [f"{name} @ {steps[i]}" for i in picks]
+    for label, s in rows.items():
+        body.append([label] + [cell(np.asarray(s[key])[:, i]) for key in ("flip_rate", "v_rel_err", "v_log_err")
+                               for i in picks])
+    return header, body
