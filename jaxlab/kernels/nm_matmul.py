@@ -66,7 +66,7 @@ to the reference: a ``custom_jvp`` computes the primal with the kernel and the (
 reverse mode. The integer indices get no tangent.
 
 Reference: Lu et al., "STEP: Learning N:M Structured Sparsity Masks from Scratch with
-Precondition", ICML 2023 (arXiv 2302.01172), Sec. 2 (N:M format); Mishra et al., "Accelerating Sparse
+Precondition", ICML 2023 (arXiv 2302.01172; the N:M format); Mishra et al., "Accelerating Sparse
 Deep Neural Networks", arXiv 2104.08378 (compressed N:M storage: values + 2-bit indices).
 """
 
@@ -294,7 +294,7 @@ def nm_matmul_reference(x: jax.Array, c: Any) -> jax.Array:
       >>> print(y.shape, bool(jnp.array_equal(y, x @ (w * nm_mask(w, 2, 4, axis=0)))))
       (2, 4) True
 
-    Reference: Lu et al., STEP (ICML 2023), Sec. 2 (N:M sparsity along the reduction axis).
+    Reference: Lu et al., STEP (ICML 2023): N:M sparsity along the reduction axis.
     """
     n, m, k, _ = _check_compressed(c)
     _check_x(x, k, tuple(c.shape))

@@ -17,8 +17,8 @@ first among ties, NaN ranked as ``+inf``), and the round trip is exact:
 
 with pruned entries exactly ``0`` (also where ``w`` is ``±inf`` or NaN: ``jnp.where(mask, w, 0)``).
 
-Reference: Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA 2:4, arXiv 2104.08378),
-Sec. 3 (values + 2-bit metadata); STEP (Lu et al., ICML 2023) for the N:M ratios used.
+Reference: Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA 2:4, arXiv 2104.08378):
+values + 2-bit metadata; STEP (Lu et al., ICML 2023) for the N:M ratios used.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ are kept, ties included. ``-0.0`` and ``+0.0`` tie. **NaN ranks as an infinite m
 hidden by the mask: they show in the forward pass instead of being silently zeroed in the deployed model.
 
 Reference: Lu et al., "STEP: Learning N:M Structured Sparsity Masks from Scratch with
-Precondition" (ICML 2023, arXiv 2302.01172), Sec. 2; Zhou et al., "Learning N:M Fine-grained
-Structured Sparse Neural Networks From Scratch" (ICLR 2021), Eq. 1.
+Precondition" (ICML 2023, arXiv 2302.01172; abstract); Zhou et al., "Learning N:M Fine-grained
+Structured Sparse Neural Networks From Scratch" (ICLR 2021) -- the N:M pattern as both define it.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: int = 0, *, name: str | None = N
       >>> nm_mask(jnp.array([[1.0], [jnp.nan], [2.0], [-jnp.inf]]), 2, 4)[:, 0].tolist()  # NaN ties with inf
       [False, True, False, True]
 
-    Reference: STEP (Lu et al., ICML 2023), Sec. 2; SR-STE (Zhou et al., ICLR 2021), Eq. 1.
+    Reference: STEP (Lu et al., ICML 2023); SR-STE (Zhou et al., ICLR 2021).
     """
     w = jnp.asarray(w)
     axis = check_nm(w.shape, n, m, axis, name=name)
@@ -397,7 +397,7 @@ def straight_through(w: jax.Array, mask: jax.Array) -> jax.Array:
       >>> jax.grad(lambda w: straight_through(w, nm_mask(w, 2, 4)).sum())(w)[:, 0].tolist()
       [1.0, 1.0, 1.0, 1.0]
 
-    Reference: Bengio et al. 2013 (STE); STEP (Lu et al., ICML 2023), Sec. 2.
+    Reference: Bengio et al. 2013 (STE); STEP (Lu et al., ICML 2023).
     """
     masked = jnp.where(mask, w, jnp.zeros((), w.dtype))
     return w + jax.lax.stop_gradient(masked - w)

@@ -172,7 +172,7 @@ def sr_ste_refine(g, w, pruned, sr_ste_lambda):
       Array([ 0.  , -0.1 ,  0.05,  0.  ], dtype=float32)
 
     Reference: Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From
-    Scratch", ICLR 2021, Eq. 4.
+    Scratch", ICLR 2021 (the refinement term as in the original SR-STE code, checked against it).
     """
     return g + jnp.where(pruned, sr_ste_lambda * w, jnp.zeros((), w.dtype)).astype(g.dtype)
 
@@ -246,7 +246,8 @@ def sparse_forward_params(params, opt_state):
       >>> jax.grad(loss)(params)["kernel"].ravel()  # straight-through: reaches the pruned weights too
       Array([ 0., -6.,  0.,  4.], dtype=float32)
 
-    Reference: STEP (Lu et al., ICML 2023), Sec. 3 (STE forward); SR-STE (Zhou et al., ICLR 2021), Eq. 4.
+    Reference: STEP (Lu et al., ICML 2023; abstract and the project's reference reading) for the STE
+    forward; SR-STE (Zhou et al., ICLR 2021).
     """
     state = _the_state(opt_state)
     return _FORWARD[type(state)][0](params, state)

@@ -14,8 +14,9 @@ Before ``prune_step`` the mask is all ones (dense training: exactly the inner op
 dense updates) and zeroes the pruned weights exactly; afterwards the mask is fixed, gradients entering the
 inner optimizer (its moments) and the updates are masked, so pruned weights stay exactly zero.
 
-Reference: Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA ASP, arXiv 2104.08378),
-Sec. 4 (train dense, prune 2:4 by magnitude once, fine-tune with the mask fixed).
+Reference: Mishra et al., "Accelerating Sparse Deep Neural Networks" (NVIDIA ASP, arXiv 2104.08378):
+train dense, prune 2:4 by magnitude once, fine-tune with the mask fixed (the recipe as publicly
+described; section numbers not checked).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def asp(
       >>> params["kernel"].ravel()  # a dense step, the prune step (zeroes 0.5 and 0.25), a masked step
       Array([ 0. , -4.5,  0. ,  0.5], dtype=float32)
 
-    Reference: Mishra et al., arXiv 2104.08378, Sec. 4.
+    Reference: Mishra et al., arXiv 2104.08378 (NVIDIA ASP recipe).
     """
     cfg = NMConfig.make(n, m, sparsify, nm_axis)
     prune_step = static_int(prune_step, "prune_step")

