@@ -70,13 +70,13 @@ class ConvNet(nn.Module):
 
 
 def build_model(spec: dict) -> nn.Module:
-    """``{"kind": "mlp", hidden, depth}`` (default kind) or ``{"kind": "conv", channels, hidden}``."""
-    spec = dict(spec)
-    kind = spec.pop("kind", "mlp")
+    """``spec["kind"]`` picks ``spec["mlp"]`` (:class:`MLP` fields) or ``spec["conv"]`` (:class:`ConvNet` fields)."""
+    kind = spec.get("kind", "mlp")
     if kind == "mlp":
-        return MLP(**spec)
+        return MLP(**spec.get("mlp", {}))
     if kind == "conv":
-        return ConvNet(channels=tuple(spec.pop("channels", (16, 32))), **spec)
+        conv = dict(spec.get("conv", {}))
+        return ConvNet(channels=tuple(conv.pop("channels", (16, 32))), **conv)
     raise ValueError(f"step_digits: model.kind must be 'mlp' or 'conv', got {kind!r}")
 
 
@@ -198,7 +198,7 @@ def report(exp, results: list[dict], cfg: dict) -> str:
     kind = cfg["model"].get("kind", "mlp")
     return "\n".join(exp.header(f"step_digits: N:M sparse training of a{'n MLP' if kind == 'mlp' else ' conv net'} "
                                  "on scikit-learn digits") + [
-        f"Model {cfg['model']}, b2 = {cfg['optim']['b2']}, {tr['steps']} Adam steps of batch {tr['batch']}, {k} paired seeds (same init "
+        f"Model {kind} {cfg['model'].get(kind, {})}, b2 = {cfg['optim']['b2']}, {tr['steps']} Adam steps of batch {tr['batch']}, {k} paired seeds (same init "
         f"and batches for every method); N:M on `{cfg['sparsify_regex']}`; test split "
         f"{cfg['data']['test_fraction']} (seed {cfg['data']['split_seed']}).",
         "",

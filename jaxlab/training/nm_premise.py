@@ -238,7 +238,7 @@ def plot_premise(path, curves: dict, switch_steps: dict | None = None, title: st
                 ax.axvline(t0, color=f"C{j}", ls=":", lw=0.8)
     axes[0].set(ylabel="mask flips per weight per step", yscale="log")
     axes[1].set(ylabel="||v_hat - s_hat||_F / ||s_hat||_F  (mean over leaves)")
-    axes[2].set(ylabel="mean |log v_hat - log s_hat|")
+    axes[2].set(ylabel="mean |log v_hat - log s_hat| per element")
     for ax in axes:
         ax.set_xlabel("step (window end; 100-step means)")
     axes[0].legend(fontsize=7)
@@ -269,8 +269,8 @@ def premise_table(rows: dict, fractions=(0.1, 0.5, 1.0)) -> tuple[list[str], lis
     if first is None:
         return header, body
     steps = np.asarray(first["step"])
-    picks = [int(np.argmin(np.abs(steps - f * steps[-1]))) for f in fractions]
-    for name in ("flips/weight/step", "v rel. err", "mean |log ratio|"):
+    picks = sorted({int(np.argmin(np.abs(steps - f * steps[-1]))) for f in fractions})
+    for name in ("flips/weight/step", "v rel. err", "mean abs log ratio"):
         header += [f"{name} @ {steps[i]}" for i in picks]
     for label, s in rows.items():
         body.append([label] + [cell(np.asarray(s[key])[:, i]) for key in ("flip_rate", "v_rel_err", "v_log_err")
