@@ -23,8 +23,11 @@ follows one training run and, at every step ``t``, records
       \\hat v_t = \\begin{cases} v_t / (1-\\beta_2^t) & \\text{live } v\\\\
                                  v_{T_0}/(1-\\beta_2^{T_0}) & \\text{STEP's frozen } v \\end{cases}
 
-  and the mean absolute log-ratio ``mean |log(v_hat + tiny) - log(s_hat + tiny)|`` (a scale-free view
-  that large entries do not dominate; ``tiny = 1e-30``).
+  the same error over the weights the current mask keeps (``v_rel_err_kept``: a pruned weight's
+  straight-through gradient is taken at ``w~ = 0`` and differs from the dense one by construction; the
+  kept weights are where a corrupted ``v`` would mislead the trained model), and the mean absolute
+  log-ratio ``mean |log(v_hat + tiny) - log(s_hat + tiny)|`` (a scale-free view that large entries do
+  not dominate; ``tiny = 1e-30``).
 
 Both moments are bias-corrected with their own horizon whatever ``bias_correct_frozen_v`` says, so the
 error measures *staleness or corruption* of the estimate, not the step-size scaling that flag selects.
@@ -115,6 +118,10 @@ def sparse_leaf_names(params, m: int, *, sparsify=None, nm_axis=None) -> list[st
     return [name for (name, _), a in zip(named_leaves(params), flat_axes) if a is not None]
 
 
+def _rel(a, b):
+    return jnp.linalg.norm((a - b).ravel()) / jnp.maximum(jnp.linalg.norm(b.ravel()), _TINY)
+
+
 def _axes(params, m, sparsify, nm_axis):
     if isinstance(sparsify, str):
         sparsify = path_filter(sparsify)
@@ -133,8 +140,9 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
         (:func:`jaxlab.nm.nm_leaf_axes`; ``sparsify`` may also be a path regex).
 
     Returns:
-      :class:`Probe` whose metrics are ``flip_rate`` (scalar), ``v_rel_err`` and ``v_log_err``
-      (``[n_sparse_leaves]``, in :func:`sparse_leaf_names` order).
+      :class:`Probe` whose metrics are ``flip_rate`` (scalar), ``v_rel_err``, ``v_rel_err_kept`` (the
+      same error over the weights the current mask keeps) and ``v_log_err`` (``[n_sparse_leaves]``, in
+      :func:`sparse_leaf_names` order).
 
     Raises:
       ValueError: no leaf is selected (at ``init``), or no single Adam-family state in the optimizer.
@@ -175,14 +183,16 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
         nu, _, horizon = optimizer_second_moment(after.opt_state)
         c_s = 1 - b2 ** t.astype(jnp.float32)
         c_v = 1 - b2 ** horizon.astype(jnp.float32)
-        rel, logs = [], []
-        for s, (v, _) in zip(shadow, sparse(nu)):
-            s_hat, v_hat = s / c_s, v.astype(jnp.float32) / c_v
-            rel.append(jnp.linalg.norm((v_hat - s_hat).ravel()) / jnp.maximum(jnp.linalg.norm(s_hat.ravel()), _TINY))
-            logs.append(jnp.mean(jnp.abs(jnp.log(v_hat + _TINY) - jnp.log(s_hat + _TINY))))
         masks = masks_of(after.params)
+        rel, kept, logs = [], [], []
+        for s, (v, _), mk in zip(shadow, sparse(nu), masks):
+            s_hat, v_hat = s / c_s, v.astype(jnp.float32) / c_v
+            rel.append(_rel(v_hat, s_hat))
+            kept.append(_rel(jnp.where(mk, v_hat, 0.0), jnp.where(mk, s_hat, 0.0)))
+            logs.append(jnp.mean(jnp.abs(jnp.log(v_hat + _TINY) - jnp.log(s_hat + _TINY))))
         flips = sum(jnp.sum(a != b) for a, b in zip(masks, ps.masks)) / sum(x.size for x in masks)
-        metrics = {"flip_rate": flips.astype(jnp.float32), "v_rel_err": jnp.stack(rel), "v_log_err": jnp.stack(logs)}
+        metrics = {"flip_rate": flips.astype(jnp.float32), "v_rel_err": jnp.stack(rel),
+                   "v_rel_err_kept": jnp.stack(kept), "v_log_err": jnp.stack(logs)}
         return PremiseState(shadow_nu=shadow, masks=masks, count=t), metrics
 
     return Probe(init, update)
@@ -192,7 +202,7 @@ def premise_summary(trace: dict, every: int = 100) -> dict:
     """Per-``every``-step means of the probe's traces (``[runs, steps(, leaves)]`` from ``run_training``).
 
     Returns ``{"step": [end step of each window], "flip_rate": [runs][windows], "v_rel_err":
-    [runs][windows] (mean over the sparse leaves), "v_log_err": likewise, "v_rel_err_by_leaf":
+    [runs][windows] (mean over the sparse leaves), "v_rel_err_kept", "v_log_err": likewise, "v_rel_err_by_leaf":
     [windows][leaves] (mean over runs)}``; a last partial window is dropped.
     """
     flips = np.asarray(trace["flip_rate"], np.float64)
@@ -206,13 +216,16 @@ def premise_summary(trace: dict, every: int = 100) -> dict:
         return x.reshape(runs, k, every, *x.shape[2:]).mean(2)
 
     rel, logs = win(trace["v_rel_err"]), win(trace["v_log_err"])
+    kept = win(trace["v_rel_err_kept"]) if "v_rel_err_kept" in trace else rel
     return {"step": [every * (i + 1) for i in range(k)], "flip_rate": win(flips).tolist(),
-            "v_rel_err": rel.mean(-1).tolist(), "v_log_err": logs.mean(-1).tolist(),
+            "v_rel_err": rel.mean(-1).tolist(), "v_rel_err_kept": kept.mean(-1).tolist(),
+            "v_log_err": logs.mean(-1).tolist(),
             "v_rel_err_by_leaf": rel.mean(0).tolist()}
 
 
 def plot_premise(path, curves: dict, switch_steps: dict | None = None, title: str = "") -> None:
-    """Two panels: mask flip rate and ``v``'s relative error vs the dense shadow, per 100-step window.
+    """Three panels per window: mask flip rate, ``v``'s relative error vs the dense shadow (all / kept
+    weights), and the mean absolute log-ratio.
 
     Args:
       path: output PNG.
@@ -226,25 +239,28 @@ def plot_premise(path, curves: dict, switch_steps: dict | None = None, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    every = 100
     for j, (label, s) in enumerate(curves.items()):
         x = np.asarray(s["step"])
-        for ax, key in zip(axes, ("flip_rate", "v_rel_err", "v_log_err")):
+        every = int(x[0])
+        for ax, key, ls in zip([*axes, axes[1]], ("flip_rate", "v_rel_err", "v_log_err", "v_rel_err_kept"),
+                               ("-", "-", "-", "--")):
             y = np.asarray(s[key])
-            ax.plot(x, y.mean(0), color=f"C{j}", lw=1.5, label=label)
+            ax.plot(x, y.mean(0), color=f"C{j}", lw=1.5, ls=ls, label=label if ls == "-" else None)
             ax.fill_between(x, y.min(0), y.max(0), color=f"C{j}", alpha=0.15, lw=0)
         for t0 in (switch_steps or {}).get(label, []) or []:
             for ax in axes:
                 ax.axvline(t0, color=f"C{j}", ls=":", lw=0.8)
     axes[0].set(ylabel="mask flips per weight per step", yscale="log")
-    axes[1].set(ylabel="||v_hat - s_hat||_F / ||s_hat||_F  (mean over leaves)")
+    axes[1].set(ylabel="rel. error of v vs dense shadow", title="solid: all N:M weights; dashed: kept ones")
     axes[2].set(ylabel="mean |log v_hat - log s_hat| per element")
     for ax in axes:
-        ax.set_xlabel("step (window end; 100-step means)")
+        ax.set_xlabel(f"step (window end; {every}-step means)")
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94) if title else None)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -270,9 +286,10 @@ def premise_table(rows: dict, fractions=(0.1, 0.5, 1.0)) -> tuple[list[str], lis
         return header, body
     steps = np.asarray(first["step"])
     picks = sorted({int(np.argmin(np.abs(steps - f * steps[-1]))) for f in fractions})
-    for name in ("flips/weight/step", "v rel. err", "mean abs log ratio"):
+    cols = (("flip_rate", "flips/weight/step"), ("v_rel_err", "v rel. err"),
+            ("v_rel_err_kept", "v rel. err (kept)"), ("v_log_err", "mean abs log ratio"))
+    for _, name in cols:
         header += [f"{name} @ {steps[i]}" for i in picks]
     for label, s in rows.items():
-        body.append([label] + [cell(np.asarray(s[key])[:, i]) for key in ("flip_rate", "v_rel_err", "v_log_err")
-                               for i in picks])
+        body.append([label] + [cell(np.asarray(s[key])[:, i]) for key, _ in cols for i in picks])
     return header, body
