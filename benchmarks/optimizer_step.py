@@ -19,10 +19,11 @@ Writes ``benchmarks/optimizer_step.json`` (``optimizer_step_quick.json`` with ``
 this file and prints a table. Targets (issue 4): phase 2 <= 1.15x, phase 1 <= 1.10x adamw.
 
 Result on the shared 2-core CPU box (``python benchmarks/optimizer_step.py --reps 21``; d_model 512,
-4 layers, 12.9 M params, 2:4): phase 2 1.07x (meets the target), phase 1 1.39x (misses it), STE 1.03x,
-SR-STE 1.48x, ASP 1.00x / 0.95x; repeated runs move each ratio by about +-0.1. Phase 1 costs what
-AdamW costs plus the Z_t reduction, a second pass over ``g`` and ``v`` that XLA:CPU does not fuse
-with the moment updates (no multi-output reduce fusion on CPU; not measured on GPU/TPU).
+4 layers, 12.9 M params, 2:4): phase 2 1.04x (meets the target), phase 1 1.42x (misses it), STE 1.03x,
+SR-STE 1.38x, ASP 0.92x / 0.96x; repeated runs move each ratio by about +-0.1. Of phase 1's extra 0.42x,
+the Z_t reduction (a second pass over ``g`` and ``v`` that XLA:CPU does not fuse with the moment updates:
+no multi-output reduce fusion on CPU) is 0.35x and the SR-STE term's phase-1 work 0.14x (the ablation
+rows); ``z_every=10`` brings phase 1 to 1.14x. Not measured on GPU/TPU.
 """
 
 from __future__ import annotations
