@@ -36,7 +36,7 @@ def reference(tx, steps, seed=0, n=1, m=4):
     state = tx.init(params)
     shadow = np.zeros((8, 4))
     prev = np.asarray(nm_mask(params["dense"]["kernel"], n, m, 0))
-    out = {"flip_rate": [], "v_rel_err": [], "v_rel_err_kept": [], "v_log_err": []}
+    out = {"flip_rate": [], "v_rel_err": [], "v_rel_err_kept": [], "v_log_err": [], "v_log_bias": []}
     for t in range(1, steps + 1):
         batch = batch_fn(jax.random.fold_in(data_key(seed), t - 1))
         g_dense = np.asarray(jax.grad(lambda p, b=batch: loss_fn(p, b, None)[0])(params)["dense"]["kernel"], np.float64)
@@ -49,6 +49,7 @@ def reference(tx, steps, seed=0, n=1, m=4):
         s_hat = shadow / (1 - B2**t)
         out["v_rel_err"].append(np.linalg.norm(v_hat - s_hat) / np.linalg.norm(s_hat))
         out["v_log_err"].append(np.mean(np.abs(np.log(v_hat + 1e-30) - np.log(s_hat + 1e-30))))
+        out["v_log_bias"].append(np.mean(np.log(v_hat + 1e-30) - np.log(s_hat + 1e-30)))
         mask = np.asarray(nm_mask(params["dense"]["kernel"], n, m, 0))
         out["v_rel_err_kept"].append(np.linalg.norm((v_hat - s_hat)[mask]) / np.linalg.norm(s_hat[mask]))
         out["flip_rate"].append(np.mean(mask != prev))
@@ -69,7 +70,7 @@ def test_probe_equals_a_hand_written_loop(name):
           else step_adamw(0.05, switch_eps=0.0, t_min=0, t_max=12, **kw))
     res = probed(tx, 30)
     ref, state = reference(tx, 30)
-    for key in ("flip_rate", "v_rel_err", "v_rel_err_kept", "v_log_err"):
+    for key in ("flip_rate", "v_rel_err", "v_rel_err_kept", "v_log_err", "v_log_bias"):
         got = np.asarray(res.trace[key]).reshape(30)
         np.testing.assert_allclose(got, ref[key], rtol=2e-4, atol=1e-6, err_msg=key)
     assert ref["flip_rate"].sum() > 0  # the masks did flip: the flip-rate comparison is not vacuous

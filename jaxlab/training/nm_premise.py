@@ -27,7 +27,7 @@ follows one training run and, at every step ``t``, records
   straight-through gradient is taken at ``w~ = 0`` and differs from the dense one by construction; the
   kept weights are where a corrupted ``v`` would mislead the trained model), and the mean absolute
   log-ratio ``mean |log(v_hat + tiny) - log(s_hat + tiny)|`` (a scale-free view that large entries do
-  not dominate; ``tiny = 1e-30``).
+  not dominate; ``tiny = 1e-30``) with its signed mean (``v_log_bias``: which of the two is larger).
 
 Both moments are bias-corrected with their own horizon whatever ``bias_correct_frozen_v`` says, so the
 error measures *staleness or corruption* of the estimate, not the step-size scaling that flag selects.
@@ -141,7 +141,8 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
 
     Returns:
       :class:`Probe` whose metrics are ``flip_rate`` (scalar), ``v_rel_err``, ``v_rel_err_kept`` (the
-      same error over the weights the current mask keeps) and ``v_log_err`` (``[n_sparse_leaves]``, in
+      same error over the weights the current mask keeps), ``v_log_err`` and ``v_log_bias`` (the mean
+      signed log-ratio: negative when ``v`` is smaller than the shadow) (``[n_sparse_leaves]``, in
       :func:`sparse_leaf_names` order).
 
     Raises:
@@ -184,15 +185,17 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
         c_s = 1 - b2 ** t.astype(jnp.float32)
         c_v = 1 - b2 ** horizon.astype(jnp.float32)
         masks = masks_of(after.params)
-        rel, kept, logs = [], [], []
+        rel, kept, logs, bias = [], [], [], []
         for s, (v, _), mk in zip(shadow, sparse(nu), masks):
             s_hat, v_hat = s / c_s, v.astype(jnp.float32) / c_v
             rel.append(_rel(v_hat, s_hat))
             kept.append(_rel(jnp.where(mk, v_hat, 0.0), jnp.where(mk, s_hat, 0.0)))
-            logs.append(jnp.mean(jnp.abs(jnp.log(v_hat + _TINY) - jnp.log(s_hat + _TINY))))
+            log_ratio = jnp.log(v_hat + _TINY) - jnp.log(s_hat + _TINY)
+            logs.append(jnp.mean(jnp.abs(log_ratio)))
+            bias.append(jnp.mean(log_ratio))
         flips = sum(jnp.sum(a != b) for a, b in zip(masks, ps.masks)) / sum(x.size for x in masks)
         metrics = {"flip_rate": flips.astype(jnp.float32), "v_rel_err": jnp.stack(rel),
-                   "v_rel_err_kept": jnp.stack(kept), "v_log_err": jnp.stack(logs)}
+                   "v_rel_err_kept": jnp.stack(kept), "v_log_err": jnp.stack(logs), "v_log_bias": jnp.stack(bias)}
         return PremiseState(shadow_nu=shadow, masks=masks, count=t), metrics
 
     return Probe(init, update)
@@ -217,9 +220,10 @@ def premise_summary(trace: dict, every: int = 100) -> dict:
 
     rel, logs = win(trace["v_rel_err"]), win(trace["v_log_err"])
     kept = win(trace["v_rel_err_kept"]) if "v_rel_err_kept" in trace else rel
+    bias = win(trace["v_log_bias"]) if "v_log_bias" in trace else np.full_like(logs, np.nan)
     return {"step": [every * (i + 1) for i in range(k)], "flip_rate": win(flips).tolist(),
             "v_rel_err": rel.mean(-1).tolist(), "v_rel_err_kept": kept.mean(-1).tolist(),
-            "v_log_err": logs.mean(-1).tolist(),
+            "v_log_err": logs.mean(-1).tolist(), "v_log_bias": bias.mean(-1).tolist(),
             "v_rel_err_by_leaf": rel.mean(0).tolist()}
 
 
@@ -287,7 +291,8 @@ def premise_table(rows: dict, fractions=(0.1, 0.5, 1.0)) -> tuple[list[str], lis
     steps = np.asarray(first["step"])
     picks = sorted({int(np.argmin(np.abs(steps - f * steps[-1]))) for f in fractions})
     cols = (("flip_rate", "flips/weight/step"), ("v_rel_err", "v rel. err"),
-            ("v_rel_err_kept", "v rel. err (kept)"), ("v_log_err", "mean abs log ratio"))
+            ("v_rel_err_kept", "v rel. err (kept)"), ("v_log_err", "mean abs log ratio"),
+            ("v_log_bias", "mean log ratio"))
     for _, name in cols:
         header += [f"{name} @ {steps[i]}" for i in picks]
     for label, s in rows.items():
