@@ -36,9 +36,10 @@ def reference(tx, steps, seed=0, n=1, m=4):
     state = tx.init(params)
     shadow = np.zeros((8, 4))
     prev = np.asarray(nm_mask(params["dense"]["kernel"], n, m, 0))
-    out = {"flip_rate": [], "v_rel_err": [], "v_rel_err_kept": [], "v_log_err": [], "v_log_bias": []}
+    out = {"flip_rate": [], "dense_loss": [], "v_rel_err": [], "v_rel_err_kept": [], "v_log_err": [], "v_log_bias": []}
     for t in range(1, steps + 1):
         batch = batch_fn(jax.random.fold_in(data_key(seed), t - 1))
+        out["dense_loss"].append(float(loss_fn(params, batch, None)[0]))
         g_dense = np.asarray(jax.grad(lambda p, b=batch: loss_fn(p, b, None)[0])(params)["dense"]["kernel"], np.float64)
         shadow = B2 * shadow + (1 - B2) * g_dense**2
         g = jax.grad(lambda p, s=state, b=batch: loss_fn(sparse_forward_params(p, s), b, None)[0])(params)
@@ -70,7 +71,7 @@ def test_probe_equals_a_hand_written_loop(name):
           else step_adamw(0.05, switch_eps=0.0, t_min=0, t_max=12, **kw))
     res = probed(tx, 30)
     ref, state = reference(tx, 30)
-    for key in ("flip_rate", "v_rel_err", "v_rel_err_kept", "v_log_err", "v_log_bias"):
+    for key in ("flip_rate", "dense_loss", "v_rel_err", "v_rel_err_kept", "v_log_err", "v_log_bias"):
         got = np.asarray(res.trace[key]).reshape(30)
         np.testing.assert_allclose(got, ref[key], rtol=2e-4, atol=1e-6, err_msg=key)
     assert ref["flip_rate"].sum() > 0  # the masks did flip: the flip-rate comparison is not vacuous

@@ -15,6 +15,9 @@ follows one training run and, at every step ``t``, records
 
   .. math:: s_t = \\beta_2 s_{t-1} + (1-\\beta_2)\\,\\big(\\nabla_w L(w_{t-1})\\big)^2 ;
 
+* the loss of the dense weights with no mask on that batch (``dense_loss``): how far the network the
+  shadow describes is from the one being trained (for sparse-trained weights it is never evaluated);
+
 * per sparsifiable leaf, the **relative error** of the bias-corrected second moment the optimizer holds
   against the bias-corrected shadow,
 
@@ -140,7 +143,8 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
         (:func:`jaxlab.nm.nm_leaf_axes`; ``sparsify`` may also be a path regex).
 
     Returns:
-      :class:`Probe` whose metrics are ``flip_rate`` (scalar), ``v_rel_err``, ``v_rel_err_kept`` (the
+      :class:`Probe` whose metrics are ``flip_rate`` and ``dense_loss`` (scalars; the loss of the dense
+      weights with no mask, whose gradient feeds the shadow), ``v_rel_err``, ``v_rel_err_kept`` (the
       same error over the weights the current mask keeps), ``v_log_err`` and ``v_log_bias`` (the mean
       signed log-ratio: negative when ``v`` is smaller than the shadow) (``[n_sparse_leaves]``, in
       :func:`sparse_leaf_names` order).
@@ -178,7 +182,7 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
 
     def update(ps: PremiseState, before: TrainState, after: TrainState, batch):
         key = jax.random.fold_in(before.rng, before.step)
-        g = jax.grad(lambda p: loss_fn(p, batch, key)[0])(before.params)
+        dense_loss, g = jax.value_and_grad(lambda p: loss_fn(p, batch, key)[0])(before.params)
         t = ps.count + 1
         shadow = [b2 * s + (1 - b2) * jnp.square(gi.astype(jnp.float32)) for s, (gi, _) in zip(ps.shadow_nu, sparse(g))]
         nu, _, horizon = optimizer_second_moment(after.opt_state)
@@ -194,7 +198,8 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
             logs.append(jnp.mean(jnp.abs(log_ratio)))
             bias.append(jnp.mean(log_ratio))
         flips = sum(jnp.sum(a != b) for a, b in zip(masks, ps.masks)) / sum(x.size for x in masks)
-        metrics = {"flip_rate": flips.astype(jnp.float32), "v_rel_err": jnp.stack(rel),
+        metrics = {"flip_rate": flips.astype(jnp.float32), "dense_loss": dense_loss.astype(jnp.float32),
+                   "v_rel_err": jnp.stack(rel),
                    "v_rel_err_kept": jnp.stack(kept), "v_log_err": jnp.stack(logs), "v_log_bias": jnp.stack(bias)}
         return PremiseState(shadow_nu=shadow, masks=masks, count=t), metrics
 
@@ -221,9 +226,11 @@ def premise_summary(trace: dict, every: int = 100) -> dict:
     rel, logs = win(trace["v_rel_err"]), win(trace["v_log_err"])
     kept = win(trace["v_rel_err_kept"]) if "v_rel_err_kept" in trace else rel
     bias = win(trace["v_log_bias"]) if "v_log_bias" in trace else np.full_like(logs, np.nan)
+    dense_loss = win(trace["dense_loss"]) if "dense_loss" in trace else np.full_like(win(flips), np.nan)
     return {"step": [every * (i + 1) for i in range(k)], "flip_rate": win(flips).tolist(),
             "v_rel_err": rel.mean(-1).tolist(), "v_rel_err_kept": kept.mean(-1).tolist(),
             "v_log_err": logs.mean(-1).tolist(), "v_log_bias": bias.mean(-1).tolist(),
+            "dense_loss": dense_loss.tolist(),
             "v_rel_err_by_leaf": rel.mean(0).tolist()}
 
 
@@ -292,7 +299,7 @@ def premise_table(rows: dict, fractions=(0.1, 0.5, 1.0)) -> tuple[list[str], lis
     picks = sorted({int(np.argmin(np.abs(steps - f * steps[-1]))) for f in fractions})
     cols = (("flip_rate", "flips/weight/step"), ("v_rel_err", "v rel. err"),
             ("v_rel_err_kept", "v rel. err (kept)"), ("v_log_err", "mean abs log ratio"),
-            ("v_log_bias", "mean log ratio"))
+            ("v_log_bias", "mean log ratio"), ("dense_loss", "dense-weights loss"))
     for _, name in cols:
         header += [f"{name} @ {steps[i]}" for i in picks]
     for label, s in rows.items():
