@@ -17,6 +17,9 @@ from jaxlab.training.train_step import make_pmap_train_step, make_shard_map_trai
 
 MODES = ("single", "pmap", "mesh_dp", "mesh_fsdp", "shard_map")
 
+# nm_mask under jit: one compile per leaf shape instead of eager dispatch of its m (m - 1) compares
+_nm_mask_jit = jax.jit(nm_mask, static_argnums=(1, 2, 3))
+
 
 class TraceCounter:
     """Wrap a loss_fn and count how often it is traced (== compilations of the step)."""
@@ -122,7 +125,7 @@ def assert_same_nm_masks(ref_trajectory, trajectory, n, m, what=""):
     the group and both groups' |w| (a flip explains any value difference that follows it)."""
     for t, (pa, pb) in enumerate(zip(ref_trajectory, trajectory, strict=True)):
         for (path, a, ga), (_, _, gb) in zip(_nm_leaves(pa, n, m), _nm_leaves(pb, n, m), strict=True):
-            keep = lambda g: np.asarray(nm_mask(jnp.asarray(g), n, m, 1)).reshape(g.shape)  # groups on axis 1
+            keep = lambda g: np.asarray(_nm_mask_jit(jnp.asarray(g), n, m, 1)).reshape(g.shape)  # groups on axis 1
             ka, kb = keep(ga), keep(gb)
             flips = np.argwhere(np.any(ka != kb, axis=1))
             if len(flips):

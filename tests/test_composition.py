@@ -8,6 +8,8 @@ pooled statistics are psum'ed over the device axis), STEP (4 steps crossing the 
 STE, SR-STE, ASP (pruning at step 2), and GRASP (LoRA on the bundled transformer, base frozen).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,9 +97,10 @@ LM_CFG = TransformerConfig(vocab=32, d_model=32, n_layers=1, n_heads=2, d_ff=64,
 NM = dict(n=2, m=4)
 
 
+@functools.cache  # shared by the LM cases (immutable arrays); jitted init: one compile, not one per eager op
 def _lm(seed=1):
     model = Transformer(LM_CFG)
-    params = unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16), jnp.int32))["params"])
+    params = unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 16), jnp.int32))["params"])
     batches = [jax.random.randint(jax.random.PRNGKey(300 + i), (16, 16), 0, LM_CFG.vocab) for i in range(4)]
     return model, params, batches
 
@@ -125,9 +128,14 @@ def _separate_nm_groups(params, gap=NM_GAP):
     return jax.tree_util.tree_unflatten(treedef, flat)
 
 
+@functools.cache  # the N:M cases' common start (jitted: one compile instead of eager ops per leaf shape)
+def _nm_params():
+    return jax.jit(_separate_nm_groups)(_lm()[1])
+
+
 def _nm_case(make_tx):
-    model, params, batches = _lm()
-    params = _separate_nm_groups(params)
+    model, _, batches = _lm()
+    params = _nm_params()
 
     def loss_fn(params, batch, key):
         return causal_lm_loss(model.apply({"params": params}, batch), batch), {}

@@ -17,10 +17,15 @@ def dit():
     z = jnp.zeros((2, 8, 8, 1))
     params = jax.jit(m.init)(jax.random.PRNGKey(0), z, jnp.zeros(2), jnp.zeros(2), jnp.zeros(2, jnp.int32))
     # Replace the zero-initialised (adaLN-zero) leaves by small random values, so outputs depend on inputs.
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    leaves = [jnp.where(leaf == 0, 0.1 * jax.random.normal(k, leaf.shape), leaf) for leaf, k in zip(leaves, keys)]
-    return m, params, jax.tree_util.tree_unflatten(tree, leaves)
+    # (jitted: eagerly, every leaf shape compiles its own ops)
+    @jax.jit
+    def randomise(params):
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+        leaves = [jnp.where(leaf == 0, 0.1 * jax.random.normal(k, leaf.shape), leaf) for leaf, k in zip(leaves, keys)]
+        return jax.tree_util.tree_unflatten(tree, leaves)
+
+    return m, params, randomise(params)
 
 
 def test_patchify_matches_numpy_and_round_trips():
@@ -34,23 +39,24 @@ def test_patchify_matches_numpy_and_round_trips():
 
 def test_attention_matches_flax_reference():
     q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 4, 5, 8))
-    ours = dot_product_attention(q, k, v)
+    ours = jax.jit(dot_product_attention)(q, k, v)  # jitted, both sides: one compile, not one per eager op
     t = lambda a: jnp.swapaxes(a, 1, 2)  # flax layout (B, N, heads, d)
-    ref = t(nn.dot_product_attention(t(q), t(k), t(v)))
+    ref = t(jax.jit(nn.dot_product_attention)(t(q), t(k), t(v)))
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_output_is_zero_at_init_and_depends_on_inputs(dit):
     m, params0, params = dit
+    apply = jax.jit(m.apply)  # one compile per batch size instead of eager dispatch of every op, per call
     z = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 1))
     t, r, y = jnp.array([0.9, 0.5]), jnp.array([0.1, 0.5]), jnp.array([0, 2])
-    np.testing.assert_array_equal(m.apply(params0, z, r, t, y), 0.0)
-    u = m.apply(params, z, r, t, y)
+    np.testing.assert_array_equal(apply(params0, z, r, t, y), 0.0)
+    u = apply(params, z, r, t, y)
     assert u.shape == z.shape and float(jnp.abs(u).max()) > 0
     for other in ((z, t, t, y), (z, r, t, jnp.array([1, 1])), (z, r, t * 0.5, y), (z * 2, r, t, y)):
-        assert float(jnp.abs(m.apply(params, *other) - u).max()) > 1e-4
+        assert float(jnp.abs(apply(params, *other) - u).max()) > 1e-4
     # Rows are independent (no mixing across the batch).
-    np.testing.assert_allclose(m.apply(params, z[:1], r[:1], t[:1], y[:1]), u[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply(params, z[:1], r[:1], t[:1], y[:1]), u[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_jvp_matches_finite_differences(dit):
@@ -58,8 +64,8 @@ def test_jvp_matches_finite_differences(dit):
     z = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 1))
     w = jax.random.normal(jax.random.PRNGKey(4), z.shape)
     r, t, y = jnp.array([0.2, 0.3]), jnp.array([0.7, 0.9]), jnp.array([1, 2])
-    f = lambda z_, r_, t_: m.apply(params, z_, r_, t_, y)
-    _, dudt = jax.jvp(f, (z, r, t), (w, jnp.zeros(2), jnp.ones(2)))
+    f = jax.jit(lambda z_, r_, t_: m.apply(params, z_, r_, t_, y))  # jitted: eagerly every op compiles alone
+    _, dudt = jax.jit(lambda *p: jax.jvp(f, p, (w, jnp.zeros(2), jnp.ones(2))))(z, r, t)
     eps = 1e-2
     fd = (f(z + eps * w, r, t + eps) - f(z - eps * w, r, t - eps)) / (2 * eps)
     np.testing.assert_allclose(dudt, fd, rtol=3e-2, atol=3e-3)
@@ -77,17 +83,18 @@ def test_meanflow_loss_on_dit_has_finite_gradients(dit):
 
 
 def test_bad_inputs_raise():
+    # eval_shape: the checks run at trace time, without executing init op by op
     m = DiT(patch=3, hidden=32, depth=1, heads=4)
     with pytest.raises(ValueError, match=r"not a multiple of the patch size 3"):
-        m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1))
+        jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1))
     with pytest.raises(ValueError, match=r"expected z of shape \(B, H, W, C\)"):
-        m.init(jax.random.PRNGKey(0), jnp.zeros((1, 64)), jnp.zeros(1), jnp.zeros(1))
+        jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 64)), jnp.zeros(1), jnp.zeros(1))
     with pytest.raises(ValueError, match="num_classes == 0"):
-        DiT(patch=2, hidden=32, depth=1, heads=4).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1, jnp.int32))
+        jax.eval_shape(DiT(patch=2, hidden=32, depth=1, heads=4).init, jax.random.PRNGKey(0),
+                       jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1), jnp.zeros(1, jnp.int32))
     with pytest.raises(ValueError, match="not divisible by heads"):
-        DiT(patch=2, hidden=36, depth=1, heads=8).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1))
+        jax.eval_shape(DiT(patch=2, hidden=36, depth=1, heads=8).init, jax.random.PRNGKey(0),
+                       jnp.zeros((1, 8, 8, 1)), jnp.zeros(1), jnp.zeros(1))
 
 
 def test_logical_sharding_rules_and_fsdp_meanflow_step(dit, eight_devices):

@@ -56,18 +56,22 @@ def batch():
 
 
 def original_meanflow_loss(apply_fn, params, x, e, r, t, p, c, tangent=(None, 0.0, 1.0)):
-    """Row-by-row transcription of Geng et al. 2025, Alg. 1 (u_tgt = v - (t - r) (v d_z u + d_t u))."""
-    losses = []
-    for i in range(x.shape[0]):
-        z = (1 - t[i]) * x[i] + t[i] * e[i]
-        v = e[i] - x[i]
+    """Row-by-row transcription of Geng et al. 2025, Alg. 1 (u_tgt = v - (t - r) (v d_z u + d_t u)).
+
+    Each row is its own single-example computation (a JVP of the network on that row), mapped over the
+    rows with vmap and jitted (a Python loop over the rows dispatched every op of every row eagerly)."""
+
+    def row(xi, ei, ri, ti):
+        z = (1 - ti) * xi + ti * ei
+        v = ei - xi
         f = lambda z_, r_, t_: apply_fn(params, z_[None], r_[None], t_[None])[0]
         tz = v if tangent[0] is None else tangent[0] * v
-        u, dudt = jax.jvp(f, (z, r[i], t[i]), (tz, jnp.asarray(tangent[1]), jnp.asarray(tangent[2])))
-        u_tgt = jax.lax.stop_gradient(v - (t[i] - r[i]) * dudt)
+        u, dudt = jax.jvp(f, (z, ri, ti), (tz, jnp.asarray(tangent[1]), jnp.asarray(tangent[2])))
+        u_tgt = jax.lax.stop_gradient(v - (ti - ri) * dudt)
         d = jnp.sum((u - u_tgt) ** 2)
-        losses.append(d / jax.lax.stop_gradient((d + c) ** p))
-    return jnp.mean(jnp.stack(losses))
+        return d / jax.lax.stop_gradient((d + c) ** p)
+
+    return jnp.mean(jax.jit(jax.vmap(row))(x, e, r, t))
 
 
 def test_coefficient_one_equals_original_meanflow(model, batch):
@@ -75,9 +79,11 @@ def test_coefficient_one_equals_original_meanflow(model, batch):
     x, e, r, t = batch
     cfg = MeanFlowConfig(jvp_cond_weight=1.0, adaptive_p=0.75, adaptive_c=1e-3)
     key = jax.random.PRNGKey(0)
-    (loss, aux), g = jax.value_and_grad(
-        lambda p: meanflow_loss(m.apply, p, x, key, config=cfg, t=t, r=r, noise=e), has_aux=True)(params)
-    ref, g_ref = jax.value_and_grad(lambda p: original_meanflow_loss(m.apply, p, x, e, r, t, 0.75, 1e-3))(params)
+    # both jitted (eager grads dispatch every op on its own); the explicit times stay concrete (validated)
+    (loss, aux), g = jax.jit(jax.value_and_grad(
+        lambda p: meanflow_loss(m.apply, p, x, key, config=cfg, t=t, r=r, noise=e), has_aux=True))(params)
+    ref, g_ref = jax.jit(jax.value_and_grad(
+        lambda p: original_meanflow_loss(m.apply, p, x, e, r, t, 0.75, 1e-3)))(params)
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), g, g_ref)
     assert float(aux["jvp_cond_weight"]) == 1.0
@@ -501,25 +507,32 @@ def test_oracle_matches_score_identities(oracle):
     mix = jaxlab.data.eight_gaussians(radius=1.5, std=0.3)
     z = jax.random.normal(jax.random.PRNGKey(0), (16, 2)) * 1.5
     t = jnp.linspace(0.05, 0.95, 16)
-    score = jax.vmap(jax.grad(lambda zi, ti: _log_marginal(mix, zi, ti)))(z, t)
-    hess = jax.vmap(jax.hessian(lambda zi, ti: _log_marginal(mix, zi, ti)))(z, t)
+    score = jax.jit(jax.vmap(jax.grad(lambda zi, ti: _log_marginal(mix, zi, ti))))(z, t)  # jitted: one compile
+    hess = jax.jit(jax.vmap(jax.hessian(lambda zi, ti: _log_marginal(mix, zi, ti))))(z, t)
     e_mean = -t[:, None] * score
     x_mean = (z - t[:, None] * e_mean) / (1 - t)[:, None]
-    np.testing.assert_allclose(oracle.marginal_velocity(z, t), e_mean - x_mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(oracle.marginal_velocity)(z, t), e_mean - x_mean, rtol=1e-4, atol=1e-4)
     cov = (jnp.eye(2) + t[:, None, None] ** 2 * hess) / (1 - t)[:, None, None] ** 2
-    np.testing.assert_allclose(oracle.conditional_covariance(z, t), cov, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(jax.jit(oracle.conditional_covariance)(z, t), cov, rtol=1e-3, atol=1e-3)
 
 
 def test_oracle_target_mse_matches_monte_carlo(model, oracle):
     """M(lam) = E||T_lam - T*||^2 from the oracle equals the Monte-Carlo average of the loss's own target."""
     m, params = model
-    x, e, z, r, t = oracle.sample_points(jax.random.PRNGKey(11), 65536)
-    vhat = m.apply(params, z, t, t)
-    T_star = oracle.ideal_target(m.apply, params, z, r, t)
-    terms = oracle.expected_terms(m.apply, params, jax.random.PRNGKey(11), 65536)
-    for lam in (0.0, 0.5, 1.0):
-        _, T, _ = meanflow_target(m.apply, params, z, r, t, e - x, vhat, lam)
-        mc = float(jnp.mean(jnp.sum((T - T_star) ** 2, -1)))
+    lams = (0.0, 0.5, 1.0)
+
+    @jax.jit  # one compile (eagerly, every op of the oracle's per-point algebra dispatched on its own)
+    def monte_carlo_and_terms(params):
+        x, e, z, r, t = oracle.sample_points(jax.random.PRNGKey(11), 65536)
+        vhat = m.apply(params, z, t, t)
+        T_star = oracle.ideal_target(m.apply, params, z, r, t)
+        mc = [jnp.mean(jnp.sum((meanflow_target(m.apply, params, z, r, t, e - x, vhat, lam)[1] - T_star) ** 2, -1))
+              for lam in lams]
+        return mc, oracle.expected_terms(m.apply, params, jax.random.PRNGKey(11), 65536)
+
+    mcs, terms = monte_carlo_and_terms(params)
+    for lam, mc in zip(lams, mcs):
+        mc = float(mc)
         exact = float(oracle.target_mse_from_terms(terms, lam))
         assert abs(mc - exact) < 0.03 * exact, (lam, mc, exact)
     # lam* minimises M over a grid.

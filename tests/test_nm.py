@@ -1,5 +1,7 @@
 """jaxlab.nm: N:M masks (tie rule), compressed format (packing, exact round trip), leaf selection."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,11 +11,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxlab import nm
+from jaxlab.nm.masks import nm_pruned_bits, unpack_pruned
 
 RATIOS = [(1, 2), (2, 4), (1, 4), (3, 4), (1, 8), (2, 8), (4, 8), (1, 16), (5, 16)]
 
-_mask_jit = jax.jit(nm.nm_mask, static_argnums=(1, 2, 3))
-_roundtrip_jit = jax.jit(lambda w, n, m, a: nm.decompress(nm.compress(w, n, m, a)), static_argnums=(1, 2, 3))
+# The checks run nm's functions under jit: eagerly, each of nm_mask's m (m - 1) compares and per-slot slices
+# is dispatched (and compiled) on its own for every shape, which dominated this file's time.
+_static_nm = functools.partial(jax.jit, static_argnums=(1, 2, 3))  # (w, n, m, axis)
+_mask_jit = _static_nm(nm.nm_mask)
+
+
+@_static_nm
+def _mask_and_roundtrip_jit(w, n, m, axis):
+    """The mask and, for a packable ``m``, ``decompress(compress(w))``, in one compile."""
+    back = nm.decompress(nm.compress(w, n, m, axis)) if m in (2, 4, 8, 16) else None
+    return nm.nm_mask(w, n, m, axis), back
+
+
+@_static_nm
+def _pruned_bits_jit(w, n, m, axis):
+    """The packed pruned bits, their unpacking and the mask, in one compile."""
+    bits = nm_pruned_bits(w, n, m, axis)
+    return bits, unpack_pruned(bits, m, axis, w.shape), nm.nm_mask(w, n, m, axis)
+
+
+@_static_nm
+def _compress_checks_jit(x, n, m, axis):
+    """The mask, the compressed weight, its decompression and unpacked positions, and the unpacked
+    pruned bits, in one compile."""
+    c = nm.compress(x, n, m, axis)
+    unpacked = unpack_pruned(nm_pruned_bits(x, n, m, axis), m, axis, x.shape)
+    return nm.nm_mask(x, n, m, axis), c, nm.decompress(c), nm.unpack_indices(c), unpacked
 
 
 def np_mask(w: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
@@ -44,7 +72,8 @@ def test_mask_n_per_group_random_shapes(ratio, lead, groups, trail, seed, quanti
     w = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     if quantise:  # many exact ties (incl. +-0): the tie rule decides
         w = np.round(w) * 0.5
-    mask = np.asarray(_mask_jit(jnp.asarray(w), n, m, axis))
+    mask, back = _mask_and_roundtrip_jit(jnp.asarray(w), n, m, axis)
+    mask = np.asarray(mask)
     per_group = np.moveaxis(mask, axis, -1).reshape(*lead, trail, groups, m).sum(-1)
     assert (per_group == n).all()
     np.testing.assert_array_equal(mask, np_mask(w, n, m, axis))
@@ -56,7 +85,6 @@ def test_mask_n_per_group_random_shapes(ratio, lead, groups, trail, seed, quanti
     assert (kept_min >= drop_max).all()
     # exact round trip of the compressed format
     if m in (2, 4, 8, 16):
-        back = _roundtrip_jit(jnp.asarray(w), n, m, axis)
         np.testing.assert_array_equal(np.asarray(back), np.where(mask, w, 0))
 
 
@@ -132,16 +160,17 @@ def test_default_axis_of_real_flax_dense_general_and_conv_kernels():
     from jaxlab.paths import slash_path
     from jaxlab.transforms import prune, ste_adamw
 
-    params = _FlaxLayers().init(jax.random.PRNGKey(0), jnp.ones((1, 6, 6, 8)), jnp.ones((1, 5, 8)))["params"]
+    # init, prune and compress jitted (eagerly, every op of the conv/attention layers compiles on its own)
+    params = jax.jit(_FlaxLayers().init)(jax.random.PRNGKey(0), jnp.ones((1, 6, 6, 8)), jnp.ones((1, 5, 8)))["params"]
     flat = {slash_path(p): (p, x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     kernels = {k: v for k, v in flat.items() if k.endswith("kernel")}
     assert set(kernels) == set(_CONTRACTED)
     axes = {slash_path(p): a for p, a in jax.tree_util.tree_flatten_with_path(
         nm.nm_leaf_axes(params, 4, n=1), is_leaf=lambda a: a is None)[0]}
-    state = ste_adamw(1e-3, n=1, m=4).init(params)
-    pruned = {slash_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(prune(params, state))[0]}
+    deployed = jax.jit(lambda p: prune(p, ste_adamw(1e-3, n=1, m=4).init(p)))(params)
+    pruned = {slash_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(deployed)[0]}
     packed = {slash_path(p): c for p, c in jax.tree_util.tree_flatten_with_path(
-        nm.compress_params(params, 1, 4), is_leaf=lambda c: isinstance(c, nm.NMCompressed))[0]}
+        jax.jit(lambda p: nm.compress_params(p, 1, 4))(params), is_leaf=lambda c: isinstance(c, nm.NMCompressed))[0]}
     for name, (path, w) in kernels.items():
         contracted, want = _CONTRACTED[name]
         assert want in contracted
@@ -175,21 +204,17 @@ def test_nan_inf_and_ties_keep_exactly_n_and_compress_keeps_the_mask(n, m):
     w[3 * m, 0] = np.nan  # one NaN among finite values: kept, together with the n - 1 largest
     for axis, ww in ((0, w), (1, np.ascontiguousarray(w.T))):
         x = jnp.asarray(ww)
-        mask = np.asarray(nm.nm_mask(x, n, m, axis))
+        mask, c, back, pos, pruned = _compress_checks_jit(x, n, m, axis)
+        mask = np.asarray(mask)
         assert _groups_hold(mask.astype(np.float32), axis, m, n)
         np.testing.assert_array_equal(mask, np_mask(ww, n, m, axis))
         # the packed format keeps exactly the mask's entries: values, positions and round trip
-        c = nm.compress(x, n, m, axis)
-        back = np.asarray(nm.decompress(c))
-        np.testing.assert_array_equal(back, np.where(mask, ww, 0.0))  # NaN == NaN here
-        pos = np.moveaxis(np.asarray(nm.unpack_indices(c)), axis, -1)
+        np.testing.assert_array_equal(np.asarray(back), np.where(mask, ww, 0.0))  # NaN == NaN here
+        pos = np.moveaxis(np.asarray(pos), axis, -1)
         mt = np.moveaxis(mask, axis, -1)
         want_pos = np.nonzero(mt.reshape(*mt.shape[:-1], -1, m))[-1].reshape(*mt.shape[:-1], -1)
         np.testing.assert_array_equal(pos, want_pos)
-        from jaxlab.nm.masks import nm_pruned_bits, unpack_pruned
-
-        bits = nm_pruned_bits(x, n, m, axis)
-        np.testing.assert_array_equal(np.asarray(unpack_pruned(bits, m, axis, x.shape)), ~mask)
+        np.testing.assert_array_equal(np.asarray(pruned), ~mask)
     # golden: a NaN ranks as +inf (tied with inf: the lower index wins)
     g = jnp.array([[np.nan, 1.0, 2.0, 3.0], [1.0, np.inf, np.nan, 0.0], [np.nan, np.nan, np.nan, 9.0]])
     np.testing.assert_array_equal(np.asarray(nm.nm_mask(g, 2, 4, axis=1)),
@@ -220,13 +245,11 @@ def test_packing_layout_golden():
 def test_compress_shapes_bits_and_roundtrip(n, m, bits):
     w = jax.random.normal(jax.random.PRNGKey(n * m), (2 * m * 3, 5, 3), jnp.float32)
     for axis in (0, 1) if 5 % m == 0 else (0,):
-        c = nm.compress(w, n, m, axis)
+        mask, c, back, _, _ = _compress_checks_jit(w, n, m, axis)
         e = w.shape[axis] // m * n
         assert c.bits == bits and nm.index_bits(m) == bits
         assert c.values.shape[axis] == e and c.indices.shape[axis] == -(-e // (8 // bits))
-        np.testing.assert_array_equal(
-            np.asarray(nm.decompress(c)), np.asarray(w * nm.nm_mask(w, n, m, axis))
-        )
+        np.testing.assert_array_equal(np.asarray(back), np.asarray(w * mask))
         assert c.nbytes < w.size * 4
 
 
@@ -251,11 +274,11 @@ def test_compress_params_selection_and_errors():
     axes = nm.nm_leaf_axes(params, 4)
     assert axes["dense"]["kernel"] == 0 and axes["conv"]["kernel"] == 2
     assert axes["odd"]["kernel"] is None and axes["dense"]["bias"] is None and axes["embed"]["embedding"] is None
-    cp = nm.compress_params(params, 2, 4)
+    cp = jax.jit(lambda p: nm.compress_params(p, 2, 4))(params)  # jitted: one compile for all leaves
     assert isinstance(cp["dense"]["kernel"], nm.NMCompressed) and isinstance(cp["conv"]["kernel"], nm.NMCompressed)
     assert cp["conv"]["kernel"].axis == 2
     assert not isinstance(cp["odd"]["kernel"], nm.NMCompressed)
-    back = nm.decompress_params(cp)
+    back = jax.jit(nm.decompress_params)(cp)
     np.testing.assert_array_equal(np.asarray(back["dense"]["kernel"]).sum(0), [4.0, 4.0, 4.0])
     # forcing N:M on an incompatible leaf names the leaf path and its shape
     with pytest.raises(ValueError, match=r"\['odd'\]\['kernel'\].*\(6, 4\).*M=4"):
@@ -309,11 +332,8 @@ def test_straight_through_forward_and_gradient():
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (4, 16), (3, 32)])
 def test_packed_pruned_bits_are_the_complement_of_the_mask(n, m):
-    from jaxlab.nm.masks import nm_pruned_bits, unpack_pruned
-
     for shape, axis in (((2 * m, 5), 0), ((3, 2 * m, 4), 1), ((3, 3, 2 * m, 6), 2)):
         w = jnp.round(jax.random.normal(jax.random.PRNGKey(m + axis), shape), 1)  # rounding creates ties
-        bits = nm_pruned_bits(w, n, m, axis)
+        bits, pruned, mask = _pruned_bits_jit(w, n, m, axis)
         assert bits.shape[axis] == shape[axis] // m and bits.dtype.itemsize * 8 >= m
-        np.testing.assert_array_equal(np.asarray(unpack_pruned(bits, m, axis, shape)),
-                                      ~np.asarray(nm.nm_mask(w, n, m, axis)))
+        np.testing.assert_array_equal(np.asarray(pruned), ~np.asarray(mask))
