@@ -166,31 +166,35 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
     """
     b2 = float(b2)
 
-    def sparse(tree) -> list:  # [(leaf, axis)] of the N:M leaves; the axes are static (read from shapes)
-        flat_axes = jax.tree_util.tree_structure(tree).flatten_up_to(_axes(tree, m, sparsify, nm_axis))
-        return [(x, a) for x, a in zip(jax.tree_util.tree_leaves(tree), flat_axes) if a is not None]
+    def sparse(params, *trees) -> list:
+        """``[(axis, leaf of each tree...)]`` of the N:M leaves; the axes are static, resolved from params once."""
+        treedef = jax.tree_util.tree_structure(params)
+        flat_axes = treedef.flatten_up_to(_axes(params, m, sparsify, nm_axis))
+        flats = [treedef.flatten_up_to(t) for t in (params, *trees)]
+        return [(a, *xs) for a, *xs in zip(flat_axes, *flats) if a is not None]
 
     def masks_of(params) -> list:
-        return [nm_mask(w, n, m, a) for w, a in sparse(params)]
+        return [nm_mask(w, n, m, a) for a, w in sparse(params)]
 
     def init(state: TrainState) -> PremiseState:
         pairs = sparse(state.params)
         if not pairs:
             raise ValueError(f"nm_premise_probe: `sparsify` selects no leaf for {n}:{m} (nothing to measure)")
-        return PremiseState(shadow_nu=[jnp.zeros(w.shape, jnp.float32) for w, _ in pairs],
+        return PremiseState(shadow_nu=[jnp.zeros(w.shape, jnp.float32) for _, w in pairs],
                             masks=masks_of(state.params), count=jnp.zeros([], jnp.int32))
 
     def update(ps: PremiseState, before: TrainState, after: TrainState, batch):
         key = jax.random.fold_in(before.rng, before.step)
         dense_loss, g = jax.value_and_grad(lambda p: loss_fn(p, batch, key)[0])(before.params)
         t = ps.count + 1
-        shadow = [b2 * s + (1 - b2) * jnp.square(gi.astype(jnp.float32)) for s, (gi, _) in zip(ps.shadow_nu, sparse(g))]
         nu, _, horizon = optimizer_second_moment(after.opt_state)
+        leaves = sparse(before.params, g, nu)  # [(axis, w, g, v)]
+        shadow = [b2 * s + (1 - b2) * jnp.square(gi.astype(jnp.float32)) for s, (_, _, gi, _) in zip(ps.shadow_nu, leaves)]
         c_s = 1 - b2 ** t.astype(jnp.float32)
         c_v = 1 - b2 ** horizon.astype(jnp.float32)
         masks = masks_of(after.params)
         rel, kept, logs, bias = [], [], [], []
-        for s, (v, _), mk in zip(shadow, sparse(nu), masks):
+        for s, (_, _, _, v), mk in zip(shadow, leaves, masks):
             s_hat, v_hat = s / c_s, v.astype(jnp.float32) / c_v
             rel.append(_rel(v_hat, s_hat))
             kept.append(_rel(jnp.where(mk, v_hat, 0.0), jnp.where(mk, s_hat, 0.0)))
