@@ -186,7 +186,13 @@ CASES = {
 AXIS = {"pmap": "batch", "shard_map": "data"}  # the axis names of make_pmap/shard_map_train_step
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# STE is SR-STE's lambda = 0 corner of the same factory (equal bitwise: test_step_baselines'
+# test_ste_is_sr_ste_with_lambda_zero_exactly), so the default suite runs its modes only under -m slow.
+SLOW_CASES = {"ste_adamw"}
+
+
+@pytest.mark.parametrize("case", [c if c not in SLOW_CASES else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in CASES])
 def test_all_modes_agree(case, eight_devices):
     check_all_modes_agree(case, CASES[case](), eight_devices)
 

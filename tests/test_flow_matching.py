@@ -33,12 +33,17 @@ def test_euler_sampler_integrates_a_known_field():
     np.testing.assert_allclose(np.asarray(out), (1 - 1 / 50) ** 50, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(jaxlab.data.TOY2D_DATASETS))
+# two datasets in the default suite (a unimodal-ish and a multi-cluster one); every dataset under -m slow
+QUICK_DATASETS = ("two_moons", "checkerboard")
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK_DATASETS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in jaxlab.data.TOY2D_DATASETS])
 def test_trained_model_beats_gaussian(name):
     model = VelocityMLP(hidden=128, depth=3, time_dim=32)
     apply = lambda p, z, r, t: model.apply({"params": p}, z, r, t)
     sampler = jaxlab.data.toy2d_sampler(name)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros(1), jnp.ones(1))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros(1), jnp.ones(1))["params"]
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, 1200))
 
     @jax.jit

@@ -189,6 +189,10 @@ class TestNMMatmulKernel:
         accumulator across K tiles) == the exact product; batch 20 -> two batch tiles, the 2nd ragged."""
         self.skip_unless_gpu_body()
         n, m = nm
+        if self.INTERPRET and jnp.dtype(dtype) == jnp.bfloat16 and nm != (2, 4):
+            # the interpreter is slow (~9 s a case on 2 CPU cores); the dtype path does not depend on the
+            # ratio, so it checks bf16 at 2:4 only; the device subclass runs every ratio in both dtypes
+            pytest.skip("interpret mode checks the bf16 body at 2:4 only (every ratio runs on the GPU)")
         x, c, exact = _problem(13 + n + m, 20, 208, 136, n, m, dtype)  # K=208: ragged for block_k=128
         bs = BlockSizes(16, 128, 128)  # valid GPU tiles: the same on the device
         plan = nm_mod._gpu.make_gpu_plan(

@@ -380,7 +380,11 @@ def _driver(tmp_path, env=None, wait=True):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({**BASE, "name": "sub", "out_dir": str(tmp_path / "runs")}))
     e = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    e.pop("XLA_FLAGS", None)
+    # one device like `jaxlab train` on this box, and the same XLA pipeline as the in-process reference run
+    # (conftest's flags minus the simulated device count): bitwise equality needs the same compiled programs
+    flags = [f for f in e.pop("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    if flags:
+        e["XLA_FLAGS"] = " ".join(flags)
     cmd = [sys.executable, str(script), "train", str(cfg)]
     if not wait:
         return subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

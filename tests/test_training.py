@@ -74,10 +74,19 @@ def test_restore_brings_back_optax_namedtuples(tmp_path):
     assert_trees_equal(restored, state)
 
 
+SHARDED_OVER = {"train.steps": 6, "train.ckpt_every": 0, "train.eval_every": 0}
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory, eight_devices):
+    """The one-device run every mesh below must reproduce (trained once for the three meshes)."""
+    state, _ = train(make_cfg(tmp_path_factory.mktemp("single"), "single", **SHARDED_OVER), devices=eight_devices[:1])
+    return state
+
+
 @pytest.mark.parametrize("mesh", [{"data": 8, "fsdp": 1}, {"data": 1, "fsdp": 8}, {"data": 2, "fsdp": 4}])
-def test_sharded_step_matches_single_device(tmp_path, eight_devices, mesh):
-    over = {"train.steps": 6, "train.ckpt_every": 0, "train.eval_every": 0}
-    single, _ = train(make_cfg(tmp_path, "single", **over), devices=eight_devices[:1])
+def test_sharded_step_matches_single_device(tmp_path, eight_devices, single_device_run, mesh):
+    over, single = SHARDED_OVER, single_device_run
     sets = {**over, "mesh.data": mesh["data"], "mesh.fsdp": mesh["fsdp"]}
     sharded, _ = train(make_cfg(tmp_path, f"m{mesh['data']}x{mesh['fsdp']}", **sets), devices=eight_devices)
     assert_trees_equal(single.params, sharded.params, rtol=2e-5, atol=2e-6)

@@ -157,7 +157,9 @@ def run_setting(label, n, m, cfg, model, data, seeds) -> dict:
     premise = cfg.get("premise") or {}
     probe = None
     if label in (premise.get("methods") or []):  # STEP's premise: flip rate and v vs a dense shadow
-        probe = nm_premise_probe(loss_fn, n=n, m=m, b2=cfg["optim"]["b2"], sparsify=cfg["sparsify_regex"])
+        probe = nm_premise_probe(loss_fn, n=n, m=m, b2=cfg["optim"]["b2"], sparsify=cfg["sparsify_regex"],
+                                 local_batches=premise.get("local_batches", 0), batch_fn=batch_fn,
+                                 forward_params_fn=method.forward_params_fn)
     res = run_training(
         loss_fn, tx, lambda key: model.init(key, xtr[:1])["params"], batch_fn,
         steps=cfg["train"]["steps"], seeds=seeds, forward_params_fn=method.forward_params_fn,
@@ -215,7 +217,9 @@ def report(exp, results: list[dict], cfg: dict) -> str:
     probed = {f"{r['method']} {r['n']}:{r['m']}": r["premise"] for r in results if r.get("premise")}
     premise_lines = [] if not probed else [
         "", f"STEP's premise (`jaxlab.training.nm_premise`; window means, then {std_note(k)}): mask flips per "
-        "weight per step, and the optimizer's bias-corrected v vs a shadow dense Adam v on the same trajectory.",
+        "weight per step, and the optimizer's bias-corrected v vs a shadow dense Adam v on the same trajectory; "
+        "with `premise.local_batches` = K, v vs the local reference r (the mean squared gradient the optimizer "
+        "would receive at the current weights over K fresh batches, kept weights; the dense row is the floor).",
         "", markdown_table(*premise_table(probed))]
     kind = cfg["model"].get("kind", "mlp")
     return "\n".join(exp.header(f"step_digits: N:M sparse training of a{'n MLP' if kind == 'mlp' else ' conv net'} "

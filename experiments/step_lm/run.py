@@ -78,7 +78,9 @@ def run_setting(label, n, m, cfg, data, seeds, model) -> dict:
     probe = None
     if label in (premise.get("methods") or []):  # STEP's premise: flip rate and v vs a dense shadow
         probe = nm_premise_probe(lambda p, batch, key: (nats(p, batch), {}), n=n, m=m, b2=cfg["optim"]["b2"],
-                                 sparsify=cfg["sparsify_regex"])
+                                 sparsify=cfg["sparsify_regex"], local_batches=premise.get("local_batches", 0),
+                                 batch_fn=lambda key: random_windows(train_data, key, tr["batch"], tr["seq_len"]),
+                                 forward_params_fn=method.forward_params_fn)
     res = run_training(
         lambda p, batch, key: (nats(p, batch), {}),
         tx,
@@ -167,7 +169,10 @@ def write_report(exp, results: list[dict], cfg: dict, corpus_summary: dict) -> s
                   "the N:M magnitude mask's flips per weight per step, and the optimizer's bias-corrected second "
                   "moment vs a shadow dense Adam second moment on the same trajectory (relative Frobenius "
                   "error, mean over the N:M leaves; mean |log ratio| per element). STEP's v is live (= the "
-                  "shadow) before its switch and frozen after.", "",
+                  "shadow) before its switch and frozen after. With `premise.local_batches` = K, also the error of v "
+                  "against the local reference r (the mean squared gradient the optimizer would receive at the "
+                  "current weights, over K fresh batches) on the kept weights, after every chunk; the dense row "
+                  "(its own v against its own r) is the floor that sampling noise and an EMA's lag set.", "",
                   markdown_table(*premise_table(probed))]
     return "\n".join(lines)
 

@@ -306,7 +306,10 @@ def run_training(
       record_fn: ``state -> {name: scalar}`` logged after every step besides the step metrics.
       probe: a :class:`jaxlab.training.nm_premise.Probe` (``init(state)``, ``update(probe_state,
         state_before, state_after, batch) -> (probe_state, metrics)``) carried beside the train state;
-        its metrics join the trace and its final state is ``result["probe_state"]``.
+        its metrics join the trace and its final state is ``result["probe_state"]``. A probe with an
+        ``at_chunk_end(probe_state, state) -> (probe_state, metrics)`` is also called once after every
+        chunk (for measurements too costly per step); those metrics join the trace as ``[runs, chunks,
+        ...]`` with ``trace["chunk_end_step"]`` (the step each was taken after).
       chunk: steps per compiled chunk (default: ``steps`` when no progress bar, else about 1/20 of them).
     Returns:
       :class:`RunResult`: final states stacked over runs, per-step traces ``[runs, steps]`` of the
@@ -348,7 +351,11 @@ def run_training(
                 metrics = {**metrics, **probed}
             return (new, ps), metrics
 
-        return jax.lax.scan(body, state, start + jnp.arange(n))
+        (st, ps), metrics = jax.lax.scan(body, state, start + jnp.arange(n))
+        ends = {}
+        if probe is not None and getattr(probe, "at_chunk_end", None) is not None:
+            ps, ends = probe.at_chunk_end(ps, st)
+        return (st, ps), (metrics, ends)
 
     seeds_arr = jnp.asarray(seed_list, jnp.uint32)
     inputs = run_inputs if run_inputs is not None else jnp.zeros((n_runs,), jnp.int32)
@@ -367,19 +374,25 @@ def run_training(
 
     t0 = time.perf_counter()
     state = init_all(seeds_arr, inputs)
-    traces = []
+    traces, ends, end_steps = [], [], []
     with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
         done = 0
         while done < steps:
             n = min(chunk, steps - done)
-            state, tr = chunk_all(state, seeds_arr, inputs, jnp.asarray(done, jnp.int32), n)
+            state, (tr, end) = chunk_all(state, seeds_arr, inputs, jnp.asarray(done, jnp.int32), n)
             traces.append(jax.device_get(tr))
             done += n
+            if end:
+                ends.append(jax.device_get(end))
+                end_steps.append(done)
             bar.update(n)
             if "loss" in tr:
                 bar.set_postfix_str(f"loss {float(np.mean(traces[-1]['loss'][:, -1])):.4g}", refresh=False)
     jax.block_until_ready(state)
     trace = {k: np.concatenate([t[k] for t in traces], axis=1) for k in traces[0]}
+    if ends:  # the probe's chunk-end metrics: [runs, chunks, ...] and the step each was taken after
+        trace.update({k: np.stack([e[k] for e in ends], axis=1) for k in ends[0]})
+        trace["chunk_end_step"] = np.broadcast_to(np.asarray(end_steps, np.int32), (n_runs, len(end_steps))).copy()
     state, probe_state = state
     return RunResult(state=state, trace=trace, seconds=time.perf_counter() - t0, probe_state=probe_state)
 

@@ -32,6 +32,21 @@ follows one training run and, at every step ``t``, records
   log-ratio ``mean |log(v_hat + tiny) - log(s_hat + tiny)|`` (a scale-free view that large entries do
   not dominate; ``tiny = 1e-30``) with its signed mean (``v_log_bias``: which of the two is larger).
 
+The shadow describes the *dense* weights, a network that sparse training never evaluates (its loss
+grows with sparsity), so a large error against it does not by itself say that ``v`` is wrong for the
+network being trained. With ``local_batches = K > 0`` the probe also measures, after every compiled chunk
+of steps, a **local reference** free of that confound and of flips: the second moment of the gradient
+the optimizer itself receives (through ``forward_params_fn``: the straight-through N:M forward for the
+sparse methods) at the current weights, over ``K`` fresh batches,
+
+  .. math:: r_t = \\frac1K\\sum_{k=1}^K \\big(\\nabla_w L(\\mathrm{fwd}(w_t), B_k)\\big)^2 ,
+
+and ``v_hat``'s error against it over the kept weights (where SR-STE's decay term is zero):
+``local_rel_err_kept`` (Frobenius relative error), ``local_log_err_kept`` and ``local_log_bias_kept``
+(mean absolute / signed ``log v_hat - log r``). ``r_t`` is what an ideal second moment would be *now*;
+its sampling noise (``K`` batches) and an EMA's lag set a floor that every method shares, so dense
+AdamW's own error against its ``r_t`` is the baseline a corrupted ``v`` has to exceed.
+
 Both moments are bias-corrected with their own horizon whatever ``bias_correct_frozen_v`` says, so the
 error measures *staleness or corruption* of the estimate, not the step-size scaling that flag selects.
 For dense AdamW and STEP's phase 1 the optimizer's ``v`` *is* the shadow (error 0 up to float rounding:
@@ -78,11 +93,15 @@ class Probe(NamedTuple):
     """A per-step measurement carried beside training by :func:`jaxlab.training.experiment.run_training`.
 
     ``init(state) -> probe_state`` after ``TrainState.create``; ``update(probe_state, state_before,
-    state_after, batch) -> (probe_state, {name: array})`` after every step (traced inside the scan).
+    state_after, batch) -> (probe_state, {name: array})`` after every step (traced inside the scan);
+    optionally ``at_chunk_end(probe_state, state) -> (probe_state, {name: array})`` once after every
+    compiled chunk of steps (a measurement too costly for every step; outside the scan, so not paid by
+    steps that skip it even when runs are vmapped).
     """
 
     init: Callable[[TrainState], Any]
     update: Callable[..., tuple[Any, dict]]
+    at_chunk_end: Callable[..., tuple[Any, dict]] | None = None
 
 
 class PremiseState(NamedTuple):
@@ -131,7 +150,9 @@ def _axes(params, m, sparsify, nm_axis):
     return nm_leaf_axes(params, m, sparsify=sparsify, nm_axis=nm_axis)
 
 
-def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=None, nm_axis=None) -> Probe:
+def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=None, nm_axis=None,
+                     local_batches: int = 0, batch_fn: Callable | None = None,
+                     forward_params_fn: Callable | None = None) -> Probe:
     """Probe of the mask flip rate and of ``v``'s distance from a shadow dense second moment.
 
     Args:
@@ -141,16 +162,22 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
       b2: the optimizer's second-moment decay (the shadow uses the same).
       sparsify, nm_axis: which leaves are N:M and along which axis, as given to the optimizer
         (:func:`jaxlab.nm.nm_leaf_axes`; ``sparsify`` may also be a path regex).
+      local_batches: ``K`` for the local reference ``r_t`` after every chunk (0: off).
+      batch_fn: ``key -> batch`` drawing the local reference's batches (needed when ``local_batches > 0``).
+      forward_params_fn: ``(params, opt_state) -> params`` as given to the train step (``None``: the
+        identity, i.e. a dense forward).
 
     Returns:
       :class:`Probe` whose metrics are ``flip_rate`` and ``dense_loss`` (scalars; the loss of the dense
       weights with no mask, whose gradient feeds the shadow), ``v_rel_err``, ``v_rel_err_kept`` (the
       same error over the weights the current mask keeps), ``v_log_err`` and ``v_log_bias`` (the mean
       signed log-ratio: negative when ``v`` is smaller than the shadow) (``[n_sparse_leaves]``, in
-      :func:`sparse_leaf_names` order).
+      :func:`sparse_leaf_names` order); with ``local_batches``, at each chunk end
+      ``local_rel_err_kept``, ``local_log_err_kept``, ``local_log_bias_kept`` (``[n_sparse_leaves]``).
 
     Raises:
-      ValueError: no leaf is selected (at ``init``), or no single Adam-family state in the optimizer.
+      ValueError: no leaf is selected (at ``init``), no single Adam-family state in the optimizer, or
+        ``local_batches`` without ``batch_fn``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -165,6 +192,12 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
       True
     """
     b2 = float(b2)
+    local_batches = int(local_batches)
+    if local_batches < 0:
+        raise ValueError(f"nm_premise_probe: local_batches must be >= 0, got {local_batches}")
+    if local_batches and batch_fn is None:
+        raise ValueError("nm_premise_probe: local_batches > 0 needs batch_fn (key -> batch) for the fresh batches")
+    forward = forward_params_fn or (lambda p, s: p)
 
     def sparse(params, *trees) -> list:
         """``[(axis, leaf of each tree...)]`` of the N:M leaves; the axes are static, resolved from params once."""
@@ -207,7 +240,33 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
                    "v_rel_err_kept": jnp.stack(kept), "v_log_err": jnp.stack(logs), "v_log_bias": jnp.stack(bias)}
         return PremiseState(shadow_nu=shadow, masks=masks, count=t), metrics
 
-    return Probe(init, update)
+    def local_second_moment(state: TrainState):
+        """``r_t``: mean over ``K`` fresh batches of the squared gradient the optimizer would receive now."""
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x10CA1)
+
+        def one(acc, k):
+            g = jax.grad(lambda p: loss_fn(forward(p, state.opt_state), batch_fn(k), k)[0])(state.params)
+            return jax.tree.map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g), None
+
+        acc = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), state.params)
+        acc, _ = jax.lax.scan(one, acc, jax.random.split(key, local_batches))
+        return jax.tree.map(lambda a: a / local_batches, acc)
+
+    def at_chunk_end(ps: PremiseState, state: TrainState):
+        nu, _, horizon = optimizer_second_moment(state.opt_state)
+        c_v = 1 - b2 ** horizon.astype(jnp.float32)
+        rel, logs, bias = [], [], []
+        for (_, _, r, v), mk in zip(sparse(state.params, local_second_moment(state), nu), masks_of(state.params)):
+            v_hat = v.astype(jnp.float32) / c_v
+            rel.append(_rel(jnp.where(mk, v_hat, 0.0), jnp.where(mk, r, 0.0)))
+            log_ratio = jnp.where(mk, jnp.log(v_hat + _TINY) - jnp.log(r + _TINY), 0.0)
+            kept = jnp.maximum(jnp.sum(mk), 1)
+            logs.append(jnp.sum(jnp.abs(log_ratio)) / kept)
+            bias.append(jnp.sum(log_ratio) / kept)
+        return ps, {"local_rel_err_kept": jnp.stack(rel), "local_log_err_kept": jnp.stack(logs),
+                    "local_log_bias_kept": jnp.stack(bias)}
+
+    return Probe(init, update, at_chunk_end if local_batches else None)
 
 
 def premise_summary(trace: dict, every: int = 100) -> dict:
@@ -215,7 +274,9 @@ def premise_summary(trace: dict, every: int = 100) -> dict:
 
     Returns ``{"step": [end step of each window], "flip_rate": [runs][windows], "v_rel_err":
     [runs][windows] (mean over the sparse leaves), "v_rel_err_kept", "v_log_err": likewise, "v_rel_err_by_leaf":
-    [windows][leaves] (mean over runs)}``; a last partial window is dropped.
+    [windows][leaves] (mean over runs)}``; a last partial window is dropped. With the local reference,
+    also ``"local_step"`` (the chunk ends) and ``"local_rel_err_kept"``, ``"local_log_err_kept"``,
+    ``"local_log_bias_kept"`` as ``[runs][chunks]`` (means over the sparse leaves).
     """
     flips = np.asarray(trace["flip_rate"], np.float64)
     runs, steps = flips.shape
@@ -231,7 +292,12 @@ def premise_summary(trace: dict, every: int = 100) -> dict:
     kept = win(trace["v_rel_err_kept"]) if "v_rel_err_kept" in trace else rel
     bias = win(trace["v_log_bias"]) if "v_log_bias" in trace else np.full_like(logs, np.nan)
     dense_loss = win(trace["dense_loss"]) if "dense_loss" in trace else np.full_like(win(flips), np.nan)
-    return {"step": [every * (i + 1) for i in range(k)], "flip_rate": win(flips).tolist(),
+    local = {}
+    if "local_rel_err_kept" in trace:  # chunk-end measurements: [runs, chunks, leaves] -> [runs][chunks]
+        local = {"local_step": np.asarray(trace["chunk_end_step"])[0].tolist()}
+        local.update({key: np.asarray(trace[key], np.float64).mean(-1).tolist()
+                      for key in ("local_rel_err_kept", "local_log_err_kept", "local_log_bias_kept")})
+    return {**local, "step": [every * (i + 1) for i in range(k)], "flip_rate": win(flips).tolist(),
             "v_rel_err": rel.mean(-1).tolist(), "v_rel_err_kept": kept.mean(-1).tolist(),
             "v_log_err": logs.mean(-1).tolist(), "v_log_bias": bias.mean(-1).tolist(),
             "dense_loss": dense_loss.tolist(),
@@ -254,24 +320,31 @@ def plot_premise(path, curves: dict, switch_steps: dict | None = None, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    has_local = any("local_step" in c for c in curves.values())
+    fig, axes = plt.subplots(1, 4 if has_local else 3, figsize=(18.5 if has_local else 14, 4.2))
     every = 100
     for j, (label, s) in enumerate(curves.items()):
         x = np.asarray(s["step"])
         every = int(x[0])
-        for ax, key, ls in zip([*axes, axes[1]], ("flip_rate", "v_rel_err", "v_log_err", "v_rel_err_kept"),
-                               ("-", "-", "-", "--")):
+        panels = [(axes[0], "flip_rate", "-", x), (axes[1], "v_rel_err", "-", x), (axes[2], "v_log_err", "-", x),
+                  (axes[1], "v_rel_err_kept", "--", x)]
+        if "local_step" in s:
+            panels.append((axes[3], "local_rel_err_kept", "-", np.asarray(s["local_step"])))
+        for ax, key, ls, xs in panels:
             y = np.asarray(s[key])
-            ax.plot(x, y.mean(0), color=f"C{j}", lw=1.5, ls=ls, label=label if ls == "-" else None)
-            ax.fill_between(x, y.min(0), y.max(0), color=f"C{j}", alpha=0.15, lw=0)
+            ax.plot(xs, y.mean(0), color=f"C{j}", lw=1.5, ls=ls, label=label if ls == "-" else None)
+            ax.fill_between(xs, y.min(0), y.max(0), color=f"C{j}", alpha=0.15, lw=0)
         for t0 in (switch_steps or {}).get(label, []) or []:
             for ax in axes:
                 ax.axvline(t0, color=f"C{j}", ls=":", lw=0.8)
     axes[0].set(ylabel="mask flips per weight per step", yscale="log")
     axes[1].set(ylabel="rel. error of v vs dense shadow", title="solid: all N:M weights; dashed: kept ones")
     axes[2].set(ylabel="mean |log v_hat - log s_hat| per element")
-    for ax in axes:
+    for ax in axes[:3]:
         ax.set_xlabel(f"step (window end; {every}-step means)")
+    if has_local:
+        axes[3].set(ylabel="rel. error of v vs local E[g^2] (kept weights)", xlabel="step (chunk end)",
+                    title="local reference: K fresh batches at the current weights")
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -306,6 +379,16 @@ def premise_table(rows: dict, fractions=(0.1, 0.5, 1.0)) -> tuple[list[str], lis
             ("v_log_bias", "mean log ratio"), ("dense_loss", "dense-weights loss"))
     for _, name in cols:
         header += [f"{name} @ {steps[i]}" for i in picks]
+    local = [s for s in rows.values() if "local_step" in s]
+    lcols = (("local_rel_err_kept", "v vs local r, rel. err (kept)"), ("local_log_bias_kept", "log(v/r) (kept)"))
+    if local:
+        lsteps = np.asarray(local[0]["local_step"])
+        lpicks = sorted({int(np.argmin(np.abs(lsteps - f * lsteps[-1]))) for f in fractions})
+        header += [f"{name} @ {lsteps[i]}" for _, name in lcols for i in lpicks]
     for label, s in rows.items():
-        body.append([label] + [cell(np.asarray(s[key])[:, i]) for key, _ in cols for i in picks])
+        row = [label] + [cell(np.asarray(s[key])[:, i]) for key, _ in cols for i in picks]
+        if local:
+            row += ([cell(np.asarray(s[key])[:, i]) for key, _ in lcols for i in lpicks] if "local_step" in s
+                    else ["-"] * (len(lcols) * len(lpicks)))
+        body.append(row)
     return header, body
