@@ -111,7 +111,7 @@ def local_reference(tx, steps, every, k, fwd, seed=0, n=1, m=4):
         if t % every:
             continue
         keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, t), 0x10CA1), k)
-        r = np.mean([np.asarray(jax.grad(lambda p, kk=kk: loss_fn(fwd(p, state), batch_fn(kk), kk)[0])(
+        r = np.mean([np.asarray(jax.grad(lambda p, kk=kk, s=state: loss_fn(fwd(p, s), batch_fn(kk), kk)[0])(
             params)["dense"]["kernel"], np.float64) ** 2 for kk in keys], axis=0)
         nu, _, horizon = optimizer_second_moment(state)
         v_hat = np.asarray(nu["dense"]["kernel"], np.float64) / (1 - B2 ** int(horizon))
