@@ -343,8 +343,8 @@ def plot_premise(path, curves: dict, switch_steps: dict | None = None, title: st
     for ax in axes[:3]:
         ax.set_xlabel(f"step (window end; {every}-step means)")
     if has_local:
-        axes[3].set(ylabel="rel. error of v vs local E[g^2] (kept weights)", xlabel="step (chunk end)",
-                    title="local reference: K fresh batches at the current weights")
+        axes[3].set(ylabel="rel. error of v vs local r (kept weights)", xlabel="step (chunk end)", yscale="log",
+                    title="r: K fresh batches at the current weights")
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
