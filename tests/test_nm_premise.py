@@ -8,7 +8,7 @@ import pytest
 
 from jaxlab.nm import nm_mask as _nm_mask
 from jaxlab.training.experiment import data_key, run_training, seed_key
-from jaxlab.training.nm_premise import nm_premise_probe, optimizer_second_moment, premise_summary
+from jaxlab.training.nm_premise import nm_premise_probe, optimizer_second_moment, premise_summary, premise_table
 from jaxlab.transforms import sparse_forward_params, sr_ste_adamw, step_adamw
 
 B2 = 0.95
@@ -138,6 +138,24 @@ def test_local_reference_equals_a_hand_computation(name):
         np.testing.assert_allclose(np.asarray(res.trace[key]).reshape(3), want, rtol=2e-4, atol=1e-6, err_msg=key)
     s = premise_summary(res.trace, every=8)
     assert s["local_step"] == [8, 16, 24] and np.shape(s["local_rel_err_kept"]) == (1, 3)
+
+
+def test_without_the_shadow_only_flips_and_the_local_reference_are_recorded():
+    kw = dict(n=1, m=4, b2=B2, sparsify=lambda p, x: x.ndim == 2)
+    tx = sr_ste_adamw(0.05, **kw)
+    full = probed(tx, 20)
+    lean = run_training(loss_fn, tx, init_fn, batch_fn, steps=20, seeds=1, chunk=10, progress=False, vmap=False,
+                        forward_params_fn=sparse_forward_params,
+                        probe=nm_premise_probe(loss_fn, n=1, m=4, b2=B2, sparsify=r"dense/kernel$", shadow=False,
+                                               local_batches=3, batch_fn=batch_fn,
+                                               forward_params_fn=sparse_forward_params))
+    assert "v_rel_err" not in lean.trace and "dense_loss" not in lean.trace
+    np.testing.assert_array_equal(lean.trace["flip_rate"], full.trace["flip_rate"])  # the probe never steers
+    assert float(np.sum(lean.trace["flip_rate"])) > 0
+    s = premise_summary(lean.trace, every=10)
+    header, rows = premise_table({"sr_ste": s})
+    assert not any("shadow" in h or "v rel. err @" in h for h in header)
+    assert any(h.startswith("v vs local r") for h in header) and len(rows[0]) == len(header)
 
 
 def test_probe_errors_name_the_problem():

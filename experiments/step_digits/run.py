@@ -159,7 +159,8 @@ def run_setting(label, n, m, cfg, model, data, seeds) -> dict:
     if label in (premise.get("methods") or []):  # STEP's premise: flip rate and v vs a dense shadow
         probe = nm_premise_probe(loss_fn, n=n, m=m, b2=cfg["optim"]["b2"], sparsify=cfg["sparsify_regex"],
                                  local_batches=premise.get("local_batches", 0), batch_fn=batch_fn,
-                                 forward_params_fn=method.forward_params_fn)
+                                 forward_params_fn=method.forward_params_fn,
+                                 shadow=premise.get("shadow", True))
     res = run_training(
         loss_fn, tx, lambda key: model.init(key, xtr[:1])["params"], batch_fn,
         steps=cfg["train"]["steps"], seeds=seeds, forward_params_fn=method.forward_params_fn,

@@ -152,7 +152,7 @@ def _axes(params, m, sparsify, nm_axis):
 
 def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=None, nm_axis=None,
                      local_batches: int = 0, batch_fn: Callable | None = None,
-                     forward_params_fn: Callable | None = None) -> Probe:
+                     forward_params_fn: Callable | None = None, shadow: bool = True) -> Probe:
     """Probe of the mask flip rate and of ``v``'s distance from a shadow dense second moment.
 
     Args:
@@ -166,6 +166,8 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
       batch_fn: ``key -> batch`` drawing the local reference's batches (needed when ``local_batches > 0``).
       forward_params_fn: ``(params, opt_state) -> params`` as given to the train step (``None``: the
         identity, i.e. a dense forward).
+      shadow: keep the shadow dense ``s_t`` (one extra forward and backward pass per step). ``False``
+        records only the flip rate per step (and the local reference when ``local_batches > 0``).
 
     Returns:
       :class:`Probe` whose metrics are ``flip_rate`` and ``dense_loss`` (scalars; the loss of the dense
@@ -213,10 +215,16 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
         pairs = sparse(state.params)
         if not pairs:
             raise ValueError(f"nm_premise_probe: `sparsify` selects no leaf for {n}:{m} (nothing to measure)")
-        return PremiseState(shadow_nu=[jnp.zeros(w.shape, jnp.float32) for _, w in pairs],
+        return PremiseState(shadow_nu=[jnp.zeros(w.shape, jnp.float32) for _, w in pairs] if shadow else [],
                             masks=masks_of(state.params), count=jnp.zeros([], jnp.int32))
 
+    def flip_rate(masks, previous):
+        return (sum(jnp.sum(a != b) for a, b in zip(masks, previous)) / sum(x.size for x in masks)).astype(jnp.float32)
+
     def update(ps: PremiseState, before: TrainState, after: TrainState, batch):
+        if not shadow:
+            masks = masks_of(after.params)
+            return ps._replace(masks=masks, count=ps.count + 1), {"flip_rate": flip_rate(masks, ps.masks)}
         key = jax.random.fold_in(before.rng, before.step)
         dense_loss, g = jax.value_and_grad(lambda p: loss_fn(p, batch, key)[0])(before.params)
         t = ps.count + 1
@@ -234,8 +242,7 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
             log_ratio = jnp.log(v_hat + _TINY) - jnp.log(s_hat + _TINY)
             logs.append(jnp.mean(jnp.abs(log_ratio)))
             bias.append(jnp.mean(log_ratio))
-        flips = sum(jnp.sum(a != b) for a, b in zip(masks, ps.masks)) / sum(x.size for x in masks)
-        metrics = {"flip_rate": flips.astype(jnp.float32), "dense_loss": dense_loss.astype(jnp.float32),
+        metrics = {"flip_rate": flip_rate(masks, ps.masks), "dense_loss": dense_loss.astype(jnp.float32),
                    "v_rel_err": jnp.stack(rel),
                    "v_rel_err_kept": jnp.stack(kept), "v_log_err": jnp.stack(logs), "v_log_bias": jnp.stack(bias)}
         return PremiseState(shadow_nu=shadow, masks=masks, count=t), metrics
@@ -288,10 +295,12 @@ def premise_summary(trace: dict, every: int = 100) -> dict:
         x = np.asarray(x, np.float64)[:, : k * every]
         return x.reshape(runs, k, every, *x.shape[2:]).mean(2)
 
-    rel, logs = win(trace["v_rel_err"]), win(trace["v_log_err"])
+    nan = np.full((runs, k, 1), np.nan)  # a probe without the shadow (shadow=False) has no such trace
+    rel = win(trace["v_rel_err"]) if "v_rel_err" in trace else nan
+    logs = win(trace["v_log_err"]) if "v_log_err" in trace else nan
     kept = win(trace["v_rel_err_kept"]) if "v_rel_err_kept" in trace else rel
-    bias = win(trace["v_log_bias"]) if "v_log_bias" in trace else np.full_like(logs, np.nan)
-    dense_loss = win(trace["dense_loss"]) if "dense_loss" in trace else np.full_like(win(flips), np.nan)
+    bias = win(trace["v_log_bias"]) if "v_log_bias" in trace else nan
+    dense_loss = win(trace["dense_loss"]) if "dense_loss" in trace else nan[..., 0]
     local = {}
     if "local_rel_err_kept" in trace:  # chunk-end measurements: [runs, chunks, leaves] -> [runs][chunks]
         local = {"local_step": np.asarray(trace["chunk_end_step"])[0].tolist()}
@@ -377,6 +386,8 @@ def premise_table(rows: dict, fractions=(0.1, 0.5, 1.0)) -> tuple[list[str], lis
     cols = (("flip_rate", "flips/weight/step"), ("v_rel_err", "v rel. err"),
             ("v_rel_err_kept", "v rel. err (kept)"), ("v_log_err", "mean abs log ratio"),
             ("v_log_bias", "mean log ratio"), ("dense_loss", "dense-weights loss"))
+    cols = tuple((key, name) for key, name in cols  # columns no row measured (shadow=False) are left out
+                 if any(np.isfinite(np.asarray(s[key], np.float64)).any() for s in rows.values()))
     for _, name in cols:
         header += [f"{name} @ {steps[i]}" for i in picks]
     local = [s for s in rows.values() if "local_step" in s]
