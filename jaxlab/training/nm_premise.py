@@ -230,12 +230,12 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
         t = ps.count + 1
         nu, _, horizon = optimizer_second_moment(after.opt_state)
         leaves = sparse(before.params, g, nu)  # [(axis, w, g, v)]
-        shadow = [b2 * s + (1 - b2) * jnp.square(gi.astype(jnp.float32)) for s, (_, _, gi, _) in zip(ps.shadow_nu, leaves)]
+        shadow_nu = [b2 * s + (1 - b2) * jnp.square(gi.astype(jnp.float32)) for s, (_, _, gi, _) in zip(ps.shadow_nu, leaves)]
         c_s = 1 - b2 ** t.astype(jnp.float32)
         c_v = 1 - b2 ** horizon.astype(jnp.float32)
         masks = masks_of(after.params)
         rel, kept, logs, bias = [], [], [], []
-        for s, (_, _, _, v), mk in zip(shadow, leaves, masks):
+        for s, (_, _, _, v), mk in zip(shadow_nu, leaves, masks):
             s_hat, v_hat = s / c_s, v.astype(jnp.float32) / c_v
             rel.append(_rel(v_hat, s_hat))
             kept.append(_rel(jnp.where(mk, v_hat, 0.0), jnp.where(mk, s_hat, 0.0)))
@@ -245,7 +245,7 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
         metrics = {"flip_rate": flip_rate(masks, ps.masks), "dense_loss": dense_loss.astype(jnp.float32),
                    "v_rel_err": jnp.stack(rel),
                    "v_rel_err_kept": jnp.stack(kept), "v_log_err": jnp.stack(logs), "v_log_bias": jnp.stack(bias)}
-        return PremiseState(shadow_nu=shadow, masks=masks, count=t), metrics
+        return PremiseState(shadow_nu=shadow_nu, masks=masks, count=t), metrics
 
     def local_second_moment(state: TrainState):
         """``r_t``: mean over ``K`` fresh batches of the squared gradient the optimizer would receive now."""
