@@ -51,11 +51,15 @@ def test_step_and_grasp_on_nnx_state_match_raw_jax_dicts():
         for params, loss in ((state, loss_nnx), (raw, loss_raw)):
             tx = make()
             opt = tx.init(params)
+
+            @jax.jit  # one compile per (method, tree type), not one per eager op
+            def one_step(params, opt, tx=tx, loss=loss, name=name):
+                fwd = (lambda p: sparse_forward_params(p, opt)) if name == "step" else (lambda p: p)
+                upd, opt = tx.update(jax.grad(lambda p: loss(fwd(p)))(params), opt, params)
+                return optax.apply_updates(params, upd), opt
+
             for _ in range(4):
-                fwd = (lambda p, o=opt: sparse_forward_params(p, o)) if name == "step" else (lambda p: p)
-                g = jax.grad(lambda p, loss=loss, fwd=fwd: loss(fwd(p)))(params)
-                upd, opt = tx.update(g, opt, params)
-                params = optax.apply_updates(params, upd)
+                params, opt = one_step(params, opt)
             finals.append((params, opt))
         (p_nnx, o_nnx), (p_raw, o_raw) = finals
         got = _raw_from_state(p_nnx)

@@ -65,7 +65,7 @@ def tiny_lm():
     cfg = TransformerConfig(vocab=20, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=12)
     model = Transformer(cfg)
     toks = jax.random.randint(jax.random.PRNGKey(0), (8, 12), 0, 20)
-    base = nn.meta.unbox(model.init(jax.random.PRNGKey(1), toks)["params"])
+    base = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), toks)["params"])  # jitted: one compile
     U = np.linalg.qr(np.random.default_rng(0).standard_normal((16, 2)))[0]
     return model, toks, base, U
 
@@ -83,8 +83,9 @@ def test_grasp_on_bundled_transformer_lora(tiny_lm):
     targets = [r"attn/(q|k|v|o)$", r"mlp/(up|down)$", r"^unembed$", r"^embed$"]
     p0 = jaxlab.grasp_init_params(lora.inject(base, targets, 2, key=jax.random.PRNGKey(2)), U)
     # Step 0: the forward pass equals the base model.
-    np.testing.assert_array_equal(model.apply({"params": lora.merge(p0)}, toks), model.apply({"params": base}, toks))
-    loss = lambda p: causal_lm_loss(model.apply({"params": lora.merge(p)}, toks), toks)
+    apply = jax.jit(lambda p: model.apply({"params": p}, toks))  # jitted: one compile, not one per eager op
+    np.testing.assert_array_equal(apply(jax.jit(lora.merge)(p0)), apply(base))
+    loss = jax.jit(lambda p: causal_lm_loss(model.apply({"params": lora.merge(p)}, toks), toks))
     inner = lora.freeze_base(optax.adamw(1e-2, weight_decay=0.1), p0)
     new = _train(p0, jaxlab.grasp_around(inner, U), loss)
     naive = _train(p0, inner, loss)

@@ -8,7 +8,12 @@ import pytest
 
 from jaxlab.nm import nm_mask as _nm_mask
 from jaxlab.training.experiment import data_key, run_training, seed_key
-from jaxlab.training.nm_premise import nm_premise_probe, optimizer_second_moment, premise_summary, premise_table
+from jaxlab.training.nm_premise import (
+    nm_premise_probe,
+    optimizer_second_moment,
+    premise_summary,
+    premise_table,
+)
 from jaxlab.transforms import sparse_forward_params, sr_ste_adamw, step_adamw
 
 B2 = 0.95

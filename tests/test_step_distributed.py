@@ -23,7 +23,7 @@ KW = dict(n=2, m=4, switch_eps=0.0, t_min=1, t_max=2, window=4)
 def lm():
     model = Transformer(CFG)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (16, 16), 0, CFG.vocab)
-    boxed = model.init(jax.random.PRNGKey(1), tokens[:1])["params"]
+    boxed = jax.jit(model.init)(jax.random.PRNGKey(1), tokens[:1])["params"]  # jitted: one compile
 
     def loss_fn(params, batch, key):
         return causal_lm_loss(model.apply({"params": params}, batch), batch), {}

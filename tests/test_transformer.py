@@ -16,13 +16,17 @@ def model_params(request):
     cfg = TransformerConfig(**{**CFG.__dict__, "positions": request.param})
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, cfg.vocab)
-    boxed = model.init(jax.random.PRNGKey(1), tokens)["params"]
+    boxed = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]  # jitted: one compile, not one per op
     # non-trivial biases and norms so the reference check covers them
     params = nn.meta.unbox(boxed)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    return cfg, model, boxed, params, tokens
+
+    @jax.jit
+    def perturb(params):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+        return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+    return cfg, model, boxed, perturb(params), tokens
 
 
 def _np_ln(x, p, eps=1e-6):
