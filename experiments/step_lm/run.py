@@ -214,7 +214,7 @@ def plot(out: Path, results: list[dict], cfg: dict) -> None:
     if probed:
         plot_premise(out / "premise.png", {f"{r['method']} {r['n']}:{r['m']}": r["premise"] for r in probed},
                      {f"{r['method']} {r['n']}:{r['m']}": r["switch_step"] for r in probed},
-                     title="STEP's premise: mask flips and the second moment vs a dense shadow (mean over seeds, "
+                     title="STEP's premise: mask flips and the second moment (mean over seeds, "
                            "band: min..max; dotted: STEP's switch)")
 
     ratios = [f"{n}:{m}" for n, m in cfg["ratios"]]

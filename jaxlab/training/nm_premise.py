@@ -314,8 +314,9 @@ def premise_summary(trace: dict, every: int = 100) -> dict:
 
 
 def plot_premise(path, curves: dict, switch_steps: dict | None = None, title: str = "") -> None:
-    """Three panels per window: mask flip rate, ``v``'s relative error vs the dense shadow (all / kept
-    weights), and the mean absolute log-ratio.
+    """Panels: the mask flip rate per window; with the shadow, ``v``'s relative error vs the dense shadow
+    (all / kept weights) and the mean absolute log-ratio; with the local reference, ``v``'s relative error
+    vs ``r`` and the mean signed log-ratio on the kept weights (per chunk end).
 
     Args:
       path: output PNG.
@@ -330,30 +331,41 @@ def plot_premise(path, curves: dict, switch_steps: dict | None = None, title: st
     import matplotlib.pyplot as plt
 
     has_local = any("local_step" in c for c in curves.values())
-    fig, axes = plt.subplots(1, 4 if has_local else 3, figsize=(18.5 if has_local else 14, 4.2))
+    has_shadow = any(np.isfinite(np.asarray(c["v_rel_err"], np.float64)).any() for c in curves.values())
+    names = ["flips"] + (["shadow", "shadow_log"] if has_shadow else []) + (["local", "local_log"] if has_local else [])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False)
+    ax_of = dict(zip(names, axes[0]))
     every = 100
     for j, (label, s) in enumerate(curves.items()):
         x = np.asarray(s["step"])
         every = int(x[0])
-        panels = [(axes[0], "flip_rate", "-", x), (axes[1], "v_rel_err", "-", x), (axes[2], "v_log_err", "-", x),
-                  (axes[1], "v_rel_err_kept", "--", x)]
+        panels = [("flips", "flip_rate", "-", x)]
+        if has_shadow:
+            panels += [("shadow", "v_rel_err", "-", x), ("shadow_log", "v_log_err", "-", x), ("shadow", "v_rel_err_kept", "--", x)]
         if "local_step" in s:
-            panels.append((axes[3], "local_rel_err_kept", "-", np.asarray(s["local_step"])))
-        for ax, key, ls, xs in panels:
+            xl = np.asarray(s["local_step"])
+            panels += [("local", "local_rel_err_kept", "-", xl), ("local_log", "local_log_bias_kept", "-", xl)]
+        for name, key, ls, xs in panels:
             y = np.asarray(s[key])
-            ax.plot(xs, y.mean(0), color=f"C{j}", lw=1.5, ls=ls, label=label if ls == "-" else None)
-            ax.fill_between(xs, y.min(0), y.max(0), color=f"C{j}", alpha=0.15, lw=0)
+            ax_of[name].plot(xs, y.mean(0), color=f"C{j}", lw=1.5, ls=ls, label=label if ls == "-" else None)
+            ax_of[name].fill_between(xs, y.min(0), y.max(0), color=f"C{j}", alpha=0.15, lw=0)
         for t0 in (switch_steps or {}).get(label, []) or []:
-            for ax in axes:
+            for ax in axes[0]:
                 ax.axvline(t0, color=f"C{j}", ls=":", lw=0.8)
-    axes[0].set(ylabel="mask flips per weight per step", yscale="log")
-    axes[1].set(ylabel="rel. error of v vs dense shadow", title="solid: all N:M weights; dashed: kept ones")
-    axes[2].set(ylabel="mean |log v_hat - log s_hat| per element")
-    for ax in axes[:3]:
-        ax.set_xlabel(f"step (window end; {every}-step means)")
+    ax_of["flips"].set(ylabel="mask flips per weight per step", yscale="log",
+                       xlabel=f"step (window end; {every}-step means)")
+    if has_shadow:
+        ax_of["shadow"].set(ylabel="rel. error of v vs dense shadow", title="solid: all N:M weights; dashed: kept ones",
+                            xlabel=f"step (window end; {every}-step means)")
+        ax_of["shadow_log"].set(ylabel="mean |log v_hat - log s_hat| per element",
+                                xlabel=f"step (window end; {every}-step means)")
     if has_local:
-        axes[3].set(ylabel="rel. error of v vs local r (kept weights)", xlabel="step (chunk end)", yscale="log",
-                    title="r: K fresh batches at the current weights")
+        ax_of["local"].set(ylabel="rel. error of v vs local r (kept weights)", xlabel="step (chunk end)", yscale="log",
+                           title="r: K fresh batches at the current weights")
+        ax_of["local_log"].set(ylabel="mean log(v_hat / r) over kept weights", xlabel="step (chunk end)",
+                               title="> 0: v larger than r (smaller steps)")
+        ax_of["local_log"].axhline(0, color="k", lw=0.6)
+    axes = axes[0]
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
