@@ -35,7 +35,8 @@ def test_step_digits_quick(tmp_path):
 
 @pytest.mark.slow
 def test_step_lm_quick(tmp_path):
-    payload = _main("step_lm")(["--quick", "--seeds", "2", "--out", str(tmp_path)])
+    # the dense shadow on as well (config default: off), so both of the probe's references are checked
+    payload = _main("step_lm")(["--quick", "--seeds", "2", "--out", str(tmp_path), "--set", "premise.shadow=true"])
     for f in ("report.md", "results.json", "z_trace.png", "bpb_vs_sparsity.png"):
         assert (tmp_path / f).exists()
     res = {(r["method"], r["n"], r["m"]): r for r in payload["results"]}
@@ -54,3 +55,13 @@ def test_step_lm_quick(tmp_path):
         for i, t0 in enumerate(r["switch_step"]):
             assert np.all(err[i][ends <= t0] < 1e-4), (ratio, i, t0, err[i])
         assert np.all(np.asarray(res[("sr_ste", *ratio)]["premise"]["v_rel_err"]) > 1e-4)
+        assert np.all(np.isfinite(res[("sr_ste", *ratio)]["premise"]["local_rel_err_kept"]))
+    # local reference: STEP's phase 1 is dense AdamW on the same init and batches, so at 2:4 (dense's masks)
+    # its error against r equals dense's at every chunk end before the switch
+    st, de = res[("step", 2, 4)]["premise"], res[("dense", 2, 4)]["premise"]
+    ends = np.asarray(st["local_step"])
+    for i, t0 in enumerate(res[("step", 2, 4)]["switch_step"]):
+        before = ends < t0
+        assert before.any()
+        np.testing.assert_allclose(np.asarray(st["local_rel_err_kept"])[i][before],
+                                   np.asarray(de["local_rel_err_kept"])[i][before], rtol=1e-3)
