@@ -263,7 +263,8 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
         nu, _, horizon = optimizer_second_moment(state.opt_state)
         c_v = 1 - b2 ** horizon.astype(jnp.float32)
         rel, logs, bias = [], [], []
-        for (_, _, r, v), mk in zip(sparse(state.params, local_second_moment(state), nu), masks_of(state.params)):
+        # ps.masks: the masks of the latest params (update() keeps them), so they are not sorted again here
+        for (_, _, r, v), mk in zip(sparse(state.params, local_second_moment(state), nu), ps.masks):
             v_hat = v.astype(jnp.float32) / c_v
             rel.append(_rel(jnp.where(mk, v_hat, 0.0), jnp.where(mk, r, 0.0)))
             log_ratio = jnp.where(mk, jnp.log(v_hat + _TINY) - jnp.log(r + _TINY), 0.0)
