@@ -233,10 +233,12 @@ def reduction_axis(path, leaf) -> int:
         \\end{cases}
 
     (the first case that matches; names compared case-insensitively). Axis 0 is contracted in every
-    Flax layout, so the fallback for a 3-D kernel is never an output axis. Cases the rule cannot see need
+    Flax layout, so the fallback for a 3-D kernel is never an output axis. A path key named ``layers``
+    (the ``nn.scan`` stack of :class:`jaxlab.nn.Decoder`, also MaxText's name) marks a leading layer
+    axis: the rule is applied to the per-layer kernel and shifted by one. Cases the rule cannot see need
     an explicit ``nm_axis`` (an int, or ``(path, leaf) -> int``; it always wins over this rule): a 1-D
     conv whose module name lacks ``conv`` (axis 0 is then its kernel width: contracted, but not the
-    input channels), kernels stacked by ``nn.scan``/``nn.vmap`` (a leading layer axis), or a multi-input
+    input channels), kernels stacked by ``nn.scan``/``nn.vmap`` under another name, or a multi-input
     ``DenseGeneral`` such as attention's ``out`` ``(heads, head_dim, d)`` when the groups should run
     along ``head_dim`` (axis 1) rather than ``heads``.
 
@@ -261,6 +263,8 @@ def reduction_axis(path, leaf) -> int:
       0
       >>> reduction_axis(("Conv_1", "kernel"), jnp.zeros((5, 16, 8)))   # 1-D conv (k, in, out)
       1
+      >>> reduction_axis(("layers", "layer", "mlp", "up", "kernel"), jnp.zeros((4, 64, 32)))  # scanned
+      1
     """
     shape = tuple(np.shape(leaf))
     ndim = len(shape)
@@ -269,9 +273,12 @@ def reduction_axis(path, leaf) -> int:
             f"{key_path(path)}: shape {shape} has no reduction axis "
             "(N:M needs a matrix or conv kernel with ndim >= 2)"
         )
+    keys = path_keys(path)
+    if ndim >= 3 and "layers" in keys[:-1]:  # a scanned stack (jaxlab.nn.Decoder): leading layer axis
+        inner = tuple(k for k in keys if k != "layers")
+        return 1 + reduction_axis(inner, jax.ShapeDtypeStruct(shape[1:], jnp.float32))
     if ndim == 2:
         return 0
-    keys = path_keys(path)
     module = keys[-2].lower() if len(keys) >= 2 else ""
     if "conv" in module:
         return ndim - 2

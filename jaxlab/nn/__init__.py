@@ -1,6 +1,8 @@
-"""Flax Linen modules: velocity MLP, time embeddings, transformer LM, DiT, LoRA, compressed N:M Dense."""
+"""Flax Linen modules: velocity MLP, time embeddings, transformer LM, the pretrained decoder family (Llama /
+Qwen2 / Gemma), DiT, LoRA, compressed N:M Dense."""
 
-from jaxlab.nn import lora, transformer
+from jaxlab.nn import decoder, lora, transformer
+from jaxlab.nn.decoder import Decoder, DecoderConfig
 from jaxlab.nn.dit import DiT, DiTBlock
 from jaxlab.nn.embeddings import TimeEmbedding, sinusoidal_embedding
 from jaxlab.nn.lora import LoRADense
@@ -9,6 +11,8 @@ from jaxlab.nn.nm_dense import NMDense
 from jaxlab.nn.transformer import Transformer, TransformerConfig, causal_lm_loss
 
 __all__ = [
+    "Decoder",
+    "DecoderConfig",
     "DiT",
     "DiTBlock",
     "LoRADense",
@@ -18,6 +22,7 @@ __all__ = [
     "TransformerConfig",
     "VelocityMLP",
     "causal_lm_loss",
+    "decoder",
     "lora",
     "sinusoidal_embedding",
     "transformer",
