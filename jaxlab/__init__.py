@@ -3,7 +3,8 @@
 The top level lists, explicitly, the methods (Optax transforms and losses), their evaluation metrics
 and the core runtime entry points. Everything else lives in its subpackage, each with its own
 ``__all__``: :mod:`jaxlab.nm` (N:M masks and formats), :mod:`jaxlab.transforms`, :mod:`jaxlab.losses`,
-:mod:`jaxlab.nn` (Flax modules, LoRA), :mod:`jaxlab.kernels`, :mod:`jaxlab.data`,
+:mod:`jaxlab.nn` (Flax modules, LoRA, the pretrained decoder family), :mod:`jaxlab.models` (Hugging
+Face checkpoints in and out, tokenizers), :mod:`jaxlab.kernels`, :mod:`jaxlab.data`,
 :mod:`jaxlab.distributed`, :mod:`jaxlab.training` (runtime, registries, experiment harness).
 
 The runtime (``jaxlab.training`` and the names below taken from it) is imported on first use, so
@@ -12,7 +13,7 @@ The runtime (``jaxlab.training`` and the names below taken from it) is imported 
 
 import importlib
 
-from jaxlab import data, distributed, kernels, losses, metrics, nm, nn, transforms
+from jaxlab import data, distributed, kernels, losses, metrics, models, nm, nn, transforms
 from jaxlab.kernels import nm_matmul, nm_matmul_reference
 from jaxlab.losses import (
     GMMOracle,
@@ -86,6 +87,7 @@ __all__ = [
     "kernels",
     "losses",
     "metrics",
+    "models",
     "nm",
     "nn",
     "training",
