@@ -1,6 +1,7 @@
-"""Datasets: toy 2D distributions, the synthetic persona language(s), and the stdlib byte corpus."""
+"""Datasets: toy 2D distributions, the synthetic persona language(s), the stdlib byte corpus, SFT chat data."""
 
 from jaxlab.data.persona import LinearPersonaToy, PersonaLanguage, linear_persona_toy
+from jaxlab.data.sft import ChatTemplate, pack_examples, read_jsonl, render_example, sft_batches
 from jaxlab.data.text import TextCorpus, eval_windows, load_stdlib_corpus, random_windows, stdlib_files
 from jaxlab.data.toy2d import (
     TOY2D_DATASETS,
@@ -14,6 +15,7 @@ from jaxlab.data.toy2d import (
 )
 
 __all__ = [
+    "ChatTemplate",
     "GaussianMixture",
     "LinearPersonaToy",
     "PersonaLanguage",
@@ -25,6 +27,10 @@ __all__ = [
     "eval_windows",
     "linear_persona_toy",
     "load_stdlib_corpus",
+    "pack_examples",
+    "read_jsonl",
+    "render_example",
+    "sft_batches",
     "random_windows",
     "spirals",
     "stdlib_files",
