@@ -39,6 +39,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "config_from_hf",
     "config_to_hf",
+    "decoder_from_hf",
     "hf_tensor_map",
     "load_hf",
     "save_hf",
@@ -371,6 +372,19 @@ def _read(handles, files, t: _Tensor, index: tuple[slice, ...], dtype) -> np.nda
     return arr.astype(dtype)
 
 
+def decoder_from_hf(path, *, dtype=None, scan_layers: bool = True, remat: str = "none") -> Decoder:
+    """The :class:`Decoder` of a Hugging Face directory's ``config.json`` (no weights read).
+
+    For dry runs and for building a model before its weights (see :func:`config_from_hf` for the args).
+    """
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    hf = json.loads(cfg_file.read_text())
+    cfg = config_from_hf(hf, dtype=dtype, scan_layers=scan_layers, remat=remat)
+    return Decoder(dataclasses.replace(cfg, hf_config=json.dumps(hf, sort_keys=True)))
+
+
 def load_hf(
     path,
     *,
@@ -409,16 +423,11 @@ def load_hf(
       >>> model.cfg.family, model.cfg.kv_heads, params["layers"]["layer"]["attn"]["q"]["kernel"].shape
       ('llama', 2, (2, 32, 32))
       >>> model.apply({"params": params}, jnp.zeros((1, 5), jnp.int32)).shape
-      (1, 5, 128)
+      (1, 5, 300)
     """
     d = Path(path)
-    cfg_file = d / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{d}: no config.json (expected a Hugging Face model directory)")
-    hf = json.loads(cfg_file.read_text())
-    cfg = config_from_hf(hf, dtype=dtype, scan_layers=scan_layers, remat=remat)
-    cfg = dataclasses.replace(cfg, hf_config=json.dumps(hf, sort_keys=True))
-    model = Decoder(cfg)
+    model = decoder_from_hf(d, dtype=dtype, scan_layers=scan_layers, remat=remat)
+    cfg = model.cfg
     abstract = _abstract_params(model)
     shapes = {p: tuple(x.shape) for p, x in _flat(_unbox(abstract)).items()}
     tmap = hf_tensor_map(cfg)

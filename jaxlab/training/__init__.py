@@ -7,7 +7,7 @@ tasks, imported here so they register) ; ``state`` <- ``train_step`` <- ``loop``
 (the harness every ``experiments/*/run.py`` uses) <- ``nm_premise`` (the N:M premise probe it can carry).
 """
 
-from jaxlab.training import tasks_lm, tasks_toy2d  # noqa: F401  (built-in tasks register on import)
+from jaxlab.training import tasks_hf, tasks_lm, tasks_toy2d  # noqa: F401  (built-in tasks register on import)
 from jaxlab.training.checkpoint import Checkpointer, CheckpointError
 from jaxlab.training.config import (
     ConfigError,

@@ -114,13 +114,18 @@ def dry_run_report(cfg) -> dict:
     tx, forward_params_fn = build_task_optimizer(cfg, task)
     key = jax.random.PRNGKey(cfg.seed)
 
+    base = task.abstract_base  # pretrained tasks: shapes only, no weights read
+
+    def params_of(k):
+        return task.init_params(k) if base is None else task.init_params(k, base)
+
     def make(k):
         return TrainState.create(
-            params=unbox(task.init_params(k)), tx=tx, rng=k, ema_decay=cfg.train.ema_decay,
+            params=unbox(params_of(k)), tx=tx, rng=k, ema_decay=cfg.train.ema_decay,
             loss_state=task.init_loss_state,
         )
 
-    boxed = jax.eval_shape(task.init_params, key)
+    boxed = jax.eval_shape(params_of, key)
     abstract = jax.eval_shape(make, key)
     shardings = state_shardings(abstract, tx, mesh, boxed_params=boxed)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -51,10 +51,14 @@ def global_batch(local_batch, mesh):
 def init_state(task, tx, key, *, ema_decay=None, mesh=None):
     """Create the TrainState directly in its shardings (no host round trip of the params)."""
     init_key, rng = jax.random.split(key)
+    base = None if task.load_base is None else task.load_base(mesh)
 
-    def make(k):
+    def params_of(k, b):
+        return task.init_params(k) if b is None else task.init_params(k, b)
+
+    def make(k, b):
         return TrainState.create(
-            params=unbox(task.init_params(k)),
+            params=unbox(params_of(k, b)),
             tx=tx,
             rng=rng,
             ema_decay=ema_decay,
@@ -62,11 +66,11 @@ def init_state(task, tx, key, *, ema_decay=None, mesh=None):
         )
 
     if mesh is None:
-        return jax.jit(make)(init_key), None
-    boxed = jax.eval_shape(task.init_params, init_key)
-    abstract = jax.eval_shape(make, init_key)
+        return jax.jit(make)(init_key, base), None
+    boxed = jax.eval_shape(params_of, init_key, base)
+    abstract = jax.eval_shape(make, init_key, base)
     shardings = state_shardings(abstract, tx, mesh, boxed_params=boxed)
-    return jax.jit(make, out_shardings=shardings)(init_key), shardings
+    return jax.jit(make, out_shardings=shardings)(init_key, base), shardings
 
 
 class DivergenceMonitor:
@@ -300,6 +304,8 @@ def train(cfg: RunConfig, *, stop_at: int | None = None, progress: bool | None =
             if task.report_fn is not None and leader:
                 params = state.ema_params if state.ema_params is not None else state.params
                 extra = task.report_fn(params, Path(run_dir))
+            if task.export_fn is not None and leader:
+                extra = list(extra) + list(task.export_fn(state, Path(run_dir)))
             write_report(run_dir, extra_lines=extra)
     finally:
         if lock is not None:

@@ -165,19 +165,21 @@ def make_schedule(
     )
 
 
-def build_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(optim, total_steps: int, *, extra=None) -> optax.GradientTransformation:
     """The optimizer an ``optim`` config section describes (:class:`jaxlab.training.OptimConfig`).
 
     ``make_optimizer(optim.name, make_schedule(...), grad_clip=optim.grad_clip,
-    common={b1, b2, eps, weight_decay, **optim.options})``: like the Adam fields, ``optim.options``
+    common={b1, b2, eps, weight_decay, **optim.options, **extra})``: like the Adam fields, ``optim.options``
     reach the method only where its factory takes them, so one config switches between methods with
     ``--set optim.name=...`` (:func:`jaxlab.training.validate_config` rejects names no method takes).
+    ``extra`` holds what a task adds in code (``Task.optim_hyper``, e.g. an N:M ``sparsify`` filter).
     """
     lr = make_schedule(
         optim.learning_rate, schedule=optim.schedule, warmup_steps=optim.warmup_steps,
         total_steps=total_steps, final_fraction=optim.final_fraction,
     )
     common = dict(b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, **optim.options)
+    common.update(extra or {})
     return make_optimizer(optim.name, lr, grad_clip=optim.grad_clip, common=common)
 
 

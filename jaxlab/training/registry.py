@@ -63,6 +63,15 @@ class Task:
         method's own (:func:`jaxlab.sparse_forward_params` for N:M methods).
       has_loss_state, init_loss_state, trainable: passed to :func:`make_train_step`.
       apply_fn: the model's apply function (for users and reports).
+      load_base: ``mesh_or_None -> params``: concrete pretrained parameters (e.g. :func:`jaxlab.models.load_hf`,
+        placed with their shardings under a mesh). When set, ``init_params`` is called as
+        ``init_params(key, base)`` inside the jitted init with ``base`` as an *argument* (never a constant
+        baked into the program).
+      abstract_base: the ``jax.ShapeDtypeStruct`` tree of ``load_base``'s result (dry runs: no weights read).
+      export_fn: ``(state, run_dir) -> list of markdown lines``, called once on the leader when the run
+        reaches its last step (e.g. write a Hugging Face directory of the trained model).
+      optim_hyper: extra method hyper-parameters only code can give (e.g. an N:M ``sparsify`` leaf filter),
+        passed to the ``optim`` method where its factory takes them.
     """
 
     init_params: Callable[[jax.Array], Any]
@@ -76,6 +85,10 @@ class Task:
     init_loss_state: Any = None
     apply_fn: Callable | None = None
     trainable: Any = None
+    load_base: Callable | None = None
+    abstract_base: Any = None
+    export_fn: Callable | None = None
+    optim_hyper: Any = None
 
 
 TASKS: dict[str, tuple[Callable, type | None]] = {}
@@ -165,7 +178,7 @@ def build_task_optimizer(cfg: RunConfig, task: Task):
     """``(tx, forward_params_fn)`` for ``task``: the ``optim`` method (wrapped by ``task.wrap_tx``) and the
     forward map the train step needs (the task's own, else the method's: N:M methods train through
     :func:`jaxlab.sparse_forward_params`)."""
-    tx = build_optimizer(cfg.optim, cfg.train.steps)
+    tx = build_optimizer(cfg.optim, cfg.train.steps, extra=task.optim_hyper)
     if task.wrap_tx is not None:
         tx = task.wrap_tx(tx)
     forward = task.forward_params_fn or METHODS[cfg.optim.name].forward_params_fn
