@@ -392,3 +392,13 @@ def test_bad_arguments():
         tx.init({"bias": jnp.zeros(4)})
     with pytest.raises(ValueError, match="no N:M optimizer state"):
         sparse_forward_params(params, optax.adam(1e-3).init(params))
+
+
+def test_z_statistic_traces_for_more_than_2_31_elements():
+    """8B-parameter models have more elements than an int32 holds: the mean must not divide by an int."""
+    from jaxlab.transforms.step import z_statistic
+
+    big = [jax.ShapeDtypeStruct((2**16, 2**15), jnp.bfloat16)] * 3  # 6.4e9 elements in all
+    for geometric in (False, True):
+        out = jax.eval_shape(lambda g, v: z_statistic(g, v, 0.999, geometric=geometric), big, big)
+        assert out.shape == () and out.dtype == jnp.float32

@@ -219,7 +219,8 @@ def nm_premise_probe(loss_fn: Callable, *, n: int, m: int, b2: float, sparsify=N
                             masks=masks_of(state.params), count=jnp.zeros([], jnp.int32))
 
     def flip_rate(masks, previous):
-        return (sum(jnp.sum(a != b) for a, b in zip(masks, previous)) / sum(x.size for x in masks)).astype(jnp.float32)
+        flips = sum(jnp.sum(a != b, dtype=jnp.float32) for a, b in zip(masks, previous))
+        return flips / float(sum(x.size for x in masks))
 
     def update(ps: PremiseState, before: TrainState, after: TrainState, batch):
         if not shadow:

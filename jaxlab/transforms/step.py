@@ -227,11 +227,11 @@ def z_statistic(grads, nus, b2, *, geometric: bool = False) -> jax.Array:
     if geometric:
         sums = [jnp.sum(jnp.log(jnp.maximum(scale * jnp.abs(g * g - nu).astype(jnp.float32), _TINY)))
                 for g, nu in zip(grads, nus)]
-        return jnp.exp(sum(sums) / sum(g.size for g in grads))
+        return jnp.exp(sum(sums) / float(sum(g.size for g in grads)))  # float: > 2**31 elements at 8B
     sums = [jnp.sum(jnp.abs(g * g - nu).astype(jnp.float32)) for g, nu in zip(grads, nus)]
     if not _is_zero(b2):
         sums = [scale * s for s in sums]
-    return sum(sums) / sum(g.size for g in grads)
+    return sum(sums) / float(sum(g.size for g in grads))
 
 
 def autoswitch(state: StepState, z, t, *, window: int, switch_eps, t_min, t_max, record=True) -> StepState:
