@@ -74,3 +74,22 @@ def test_dry_run_compiles_each_method_on_a_v5e8_mesh(config, eight_devices):
         # Adam-style mu and nu mirror every param, so every sharded spec appears at least twice as often
         for spec, count in param_specs.items():
             assert rep["opt_state_shardings"].get(spec, 0) >= 2 * count, (spec, rep["opt_state_shardings"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workflow", ["grasp_sft", "step_sparsify"])
+def test_llama8b_workflows_compile_on_64_devices_within_v5p_hbm(workflow, capfd):
+    """Llama-3.1-8B shapes (no weights) with scanned layers: LoRA+GRASP and STEP full fine-tune compile for
+    a v5p-128 mesh, and the compiled step's per-device memory fits v5p's 95 GiB."""
+    cfg = load_config(
+        ROOT / f"configs/hf/{workflow}.yaml",
+        overlays=[ROOT / "tpu_configs/pretrained/llama3.1-8b.yaml", ROOT / "tpu_configs/pretrained/v5p-128.yaml"],
+        sets=["task.options.grasp_subspace=random:4"] if workflow == "grasp_sft" else [],
+    )
+    assert dry_run(cfg, as_json=True) == 0
+    rep = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert rep["devices"] == 64 and rep["params"] > 8.0e9
+    mem = rep["memory_per_device_bytes"]
+    assert 0 < mem["arguments"] + mem["temporaries"] < 95 * 2**30
+    specs = {path: spec for path, _, spec in rep["param_shardings"]}
+    assert specs["['layers']['layer']['mlp']['up']['kernel']"] == "(None, None, 'fsdp')"

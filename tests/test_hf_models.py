@@ -238,7 +238,7 @@ def test_packed_segments_equal_separate_sequences():
     assert float(jnp.max(jnp.abs(f(params, packed)[:, 5:] - lp[:, 5:]))) > 1e-3  # without ids they mix
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow), "dots"])
 def test_remat_changes_nothing_but_memory(remat):
     tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 32
     base = Decoder(_small())
