@@ -14,6 +14,11 @@ Two ways to use it:
   ``merge(params)`` inside the loss (gradients reach ``lora_a``/``lora_b`` through the merge). Freeze
   the base with :func:`freeze_base` (a ``multi_transform`` that zeroes non-LoRA updates).
 
+The functional API takes plain or *boxed* params alike: the ``nn.Partitioned`` /
+``nn.LogicallyPartitioned`` leaves that ``Transformer.init`` / ``Decoder.init`` return (logical axis names
+for sharding). Boxes are kept, and the factors of a boxed kernel with names ``(..., in, out)`` get
+``lora_a (..., in, None)`` and ``lora_b (..., None, out)``, so the adapted tree still shards by name.
+
 References: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022 (eq. 3);
 Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA), 2023.
 """
@@ -31,7 +36,7 @@ import optax
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jaxlab.paths import slash_path
+from jaxlab.paths import leaf_name, slash_path
 
 __all__ = [
     "LoRADense",
@@ -131,6 +136,23 @@ def _flat(params):
     return traverse_util.flatten_dict(unfreeze(params), keep_empty_nodes=True)
 
 
+def _value(x):
+    """The array inside a Flax metadata box (``nn.Partitioned`` ...), or ``x`` itself."""
+    return x.value if isinstance(x, nn.meta.AxisMetadata) else x
+
+
+def _factor_box(base, value, names_of):
+    """Box a new LoRA factor like its ``base`` leaf: ``value`` itself for a plain base; for a
+    ``nn.Partitioned`` base (``LogicallyPartitioned`` included: its mesh and rules are kept) the same box
+    type with logical names ``names_of(base names padded to base.ndim)``; a plain array for any other box.
+    """
+    if not isinstance(base, nn.Partitioned):
+        return value
+    ndim = base.value.ndim
+    names = (tuple(base.names) + (None,) * ndim)[:ndim]
+    return base.replace(value=value, names=names_of(names))
+
+
 def lora_modules(params) -> list[str]:
     """Module paths (``"a/b/c"``) that carry ``lora_a``/``lora_b``."""
     return sorted({slash_path(k[:-1]) for k in _flat(params) if k[-1] == "lora_a"})
@@ -150,8 +172,14 @@ def inject(
     ``lora_a (..., d_in, r) ~ U(-1/sqrt(d_in), 1/sqrt(d_in))`` and ``lora_b (..., r, d_out) = 0``, so
     ``merge(inject(p)) == p`` exactly. Leading axes (stacked layers) get independent factors.
 
+    Boxed params (``nn.Partitioned`` / ``nn.LogicallyPartitioned`` leaves, as ``Transformer.init`` and
+    ``Decoder.init`` return them) stay boxed, and each factor is boxed like its kernel: a kernel named
+    ``(*lead, in, out)`` (e.g. ``("layers", "embed", "mlp")``) gives ``lora_a (*lead, in, None)`` and
+    ``lora_b (*lead, None, out)`` (the rank axis is replicated), so
+    :func:`jaxlab.distributed.param_shardings` still shards the adapted tree by name.
+
     Args:
-      params: a (nested dict) param tree, e.g. ``model.init(...)["params"]``.
+      params: a (nested dict) param tree, e.g. ``model.init(...)["params"]``, boxed or unboxed.
       targets: regex or list of regexes, ``re.search``-ed against module paths like ``"block_0/attn/q"``.
       rank: LoRA rank ``r >= 1`` (at most ``min(d_in, d_out)``).
       key: PRNG key for ``A``.
@@ -179,6 +207,13 @@ def inject(
       >>> g = jax.jit(jax.grad(loss))(p)["block_0"]["attn"]["q"]
       >>> bool(jnp.any(g["lora_b"] != 0))   # gradients reach the factors through merge
       True
+
+      Boxed params (straight from ``init``) keep their logical names, the factors get derived ones:
+
+      >>> boxed = model.init(jax.random.PRNGKey(0), tokens)["params"]
+      >>> up = inject(boxed, r"mlp/up$", rank=2, key=jax.random.PRNGKey(1))["block_0"]["mlp"]["up"]
+      >>> up["kernel"].names, up["lora_a"].names, up["lora_b"].names
+      (('embed', 'mlp'), ('embed', None), (None, 'mlp'))
     """
     if isinstance(targets, str):
         targets = [targets]
@@ -187,7 +222,7 @@ def inject(
     mods = {}
     for k, v in flat.items():
         if k[-1] in _BASE_LEAVES:
-            mods[k[:-1]] = (k[-1], v)
+            mods[k[:-1]] = (k[-1], v)  # v may be boxed: its array is _value(v)
     chosen = [m for m in sorted(mods, key=slash_path) if any(p.search(slash_path(m)) for p in pats)]
     if not chosen:
         raise ValueError(
@@ -197,7 +232,8 @@ def inject(
     out = dict(flat)
     keys = jax.random.split(key, len(chosen))
     for m, kk in zip(chosen, keys):
-        leaf, w = mods[m]
+        leaf, box = mods[m]
+        w = _value(box)
         if w.ndim < 2:
             raise ValueError(
                 f"lora.inject: leaf {slash_path(m + (leaf,))} has shape {tuple(w.shape)}; expected at least 2 "
@@ -212,8 +248,10 @@ def inject(
         if m + ("lora_a",) in flat:
             raise ValueError(f"lora.inject: module {slash_path(m)} already has LoRA factors")
         dt = dtype or w.dtype
-        out[m + ("lora_a",)] = _lora_a_init(kk, w.shape[:-2] + (d_in, rank), dt)
-        out[m + ("lora_b",)] = jnp.zeros(w.shape[:-2] + (rank, d_out), dt)
+        a = _lora_a_init(kk, w.shape[:-2] + (d_in, rank), dt)
+        b = jnp.zeros(w.shape[:-2] + (rank, d_out), dt)
+        out[m + ("lora_a",)] = _factor_box(box, a, lambda n: n[:-1] + (None,))
+        out[m + ("lora_b",)] = _factor_box(box, b, lambda n: n[:-2] + (None, n[-1]))
     return traverse_util.unflatten_dict(out)
 
 
@@ -221,9 +259,10 @@ def merge(params, *, alpha: float | None = None, rslora: bool = False):
     """Fold every LoRA pair back: ``kernel <- kernel + s * lora_a @ lora_b``; drop the LoRA leaves.
 
     Differentiable (use it inside the loss to train the factors through the unchanged base model).
+    Boxed params (``nn.Partitioned`` leaves) give boxed params: each merged kernel keeps its box.
 
     Args:
-      params: tree with LoRA factors (from :func:`inject` or :class:`LoRADense`).
+      params: tree with LoRA factors (from :func:`inject` or :class:`LoRADense`), boxed or unboxed.
       alpha, rslora: the scale ``s`` (:func:`lora_scale` of each module's rank); must match training.
 
     Returns:
@@ -249,11 +288,11 @@ def merge(params, *, alpha: float | None = None, rslora: bool = False):
         m = k[:-1]
         if m + ("lora_b",) not in flat:
             raise ValueError(f"lora.merge: module {slash_path(m)} has lora_a but no lora_b")
-        a, b = flat[k], flat[m + ("lora_b",)]
+        a, b = _value(flat[k]), _value(flat[m + ("lora_b",)])
         base = next((m + (n,) for n in _BASE_LEAVES if m + (n,) in flat), None)
         if base is None:
             raise ValueError(f"lora.merge: module {slash_path(m)} has LoRA factors but no kernel/embedding")
-        w = flat[base]
+        w = _value(flat[base])
         if a.shape[-1] != b.shape[-2] or w.shape != a.shape[:-1] + b.shape[-1:]:
             raise ValueError(
                 f"lora.merge: {slash_path(base)} {tuple(w.shape)}, lora_a {tuple(a.shape)}, lora_b "
@@ -261,7 +300,9 @@ def merge(params, *, alpha: float | None = None, rslora: bool = False):
                 f"lora_b (..., r, d_out)"
             )
         s = lora_scale(a.shape[-1], alpha, rslora)
-        out[base] = w + (s * jnp.matmul(a, b)).astype(w.dtype)
+        merged = w + (s * jnp.matmul(a, b)).astype(w.dtype)
+        box = flat[base]
+        out[base] = box.replace_boxed(merged) if isinstance(box, nn.meta.AxisMetadata) else merged
     for k in flat:
         if k[-1] == "lora_b" and k[:-1] + ("lora_a",) not in flat:
             raise ValueError(f"lora.merge: module {slash_path(k[:-1])} has lora_b but no lora_a")
@@ -271,6 +312,9 @@ def merge(params, *, alpha: float | None = None, rslora: bool = False):
 def trainable_mask(params):
     """A pytree of bools like ``params``: ``True`` exactly on ``lora_a``/``lora_b`` leaves.
 
+    A boxed leaf (``nn.Partitioned``) gets a boxed bool, so the mask has the structure of ``params``
+    (leaves are named by :func:`jaxlab.paths.leaf_name`, which looks through the box's ``.value``).
+
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxlab.nn.lora import trainable_mask
@@ -278,12 +322,7 @@ def trainable_mask(params):
       {'q': {'kernel': False, 'lora_a': True, 'lora_b': True}}
     """
 
-    def f(path, _):
-        last = path[-1]
-        name = getattr(last, "key", getattr(last, "name", None))
-        return name in ("lora_a", "lora_b")
-
-    return jax.tree_util.tree_map_with_path(f, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: leaf_name(path) in ("lora_a", "lora_b"), params)
 
 
 def freeze_base(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:

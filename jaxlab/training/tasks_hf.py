@@ -267,7 +267,7 @@ def _build_sft(cfg: RunConfig, opts: SFTTaskOptions, model) -> Task:
             "",
             f"source: `{opts.grasp_subspace}`; k = {ident.k}; eigengap = {ident.eigengap:.3g}; "
             f"explained energy = {ident.explained_energy:.3g}; trustworthy = {ident.trustworthy} "
-            "(eigengap >= 2). U saved to `grasp_U.npy`.",
+            f"({ident.reason or 'eigengap >= 2'}). U saved to `grasp_U.npy`.",
             "",
         ]
 

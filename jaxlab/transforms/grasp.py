@@ -236,9 +236,12 @@ def _project_leaf(basis: _Basis, ls: LeafSide, x, beta):
 def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool, who: str):
     """Project every residual-side leaf of ``tree`` (restricted to leaf names in ``only``); ``None`` leaves pass.
 
-    ``strict`` raises when no leaf matched a side (``who`` names the caller in the message).
+    ``strict`` raises when a user-given side rule matches no module path of ``tree``
+    (:meth:`ResidualSides.check`) or when no leaf matched a side (``who`` names the caller in the message).
     """
     rules = as_residual_sides(sides)
+    if strict:
+        rules.check(tree, who=who)
     hits = []
 
     def f(path, x):
@@ -279,7 +282,9 @@ def grasp(
       sides: residual-side rules (``None``: defaults for :mod:`jaxlab.nn.transformer`; a mapping
         ``pattern -> side`` overrides them; or a :class:`~jaxlab.transforms.residual_sides.ResidualSides`).
       beta: projection strength in ``[0, 1]`` (1: hard projection; idempotent only at 0 or 1).
-      strict: raise when no leaf matches a side (a likely misconfiguration).
+      strict: raise on a likely misconfiguration of ``sides``: a user-given rule that matches no module
+        path of the tree (a typo; the built-in defaults are not checked), or no leaf matching a side at
+        all. Checked on the params at ``init`` and on every ``update``.
       only: project only leaves with these names, e.g. ``("lora_a", "lora_b")`` when the base kernels are
         frozen (their updates are zero; skipping them saves the work).
 
@@ -288,7 +293,8 @@ def grasp(
 
     Raises:
       ValueError: a leaf's residual axis does not have length ``d_model`` (message names the leaf, its
-        shape and the expected width), bad ``beta``, bad basis shape.
+        shape and the expected width), bad ``beta``, bad basis shape, or (``strict``) a user rule that
+        matches no module (naming the rule and listing the module paths) or no leaf on a side.
 
     When the data keep pushing along ``U`` (the usual case: the spurious behaviour is in the targets),
     prefer :func:`grasp_around`, which also projects the gradient before the optimizer.
@@ -334,7 +340,7 @@ def grasp(
 
 def grasp_around(
     inner: optax.GradientTransformation, subspace, sides=None, *, beta: float = 1.0,
-    only: tuple[str, ...] | None = None,
+    only: tuple[str, ...] | None = None, strict: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """``optax.chain(grasp(U), inner, grasp(U))``: project the gradient before the optimizer and the update after.
 
@@ -348,7 +354,7 @@ def grasp_around(
 
     Args:
       inner: the optimizer, e.g. ``optax.adamw(lr, weight_decay=wd)`` (or ``jaxlab.lora.freeze_base(...)``).
-      subspace, sides, beta, only: as in :func:`grasp`.
+      subspace, sides, beta, only, strict: as in :func:`grasp`.
 
     Returns:
       The chained transformation.
@@ -365,11 +371,11 @@ def grasp_around(
       >>> float(jnp.abs(adam_mu @ U).max()), float(jnp.abs(step["attn"]["o"]["kernel"] @ U).max())
       (0.0, 0.0)
     """
-    g = grasp(subspace, sides, beta=beta, only=only)
+    g = grasp(subspace, sides, beta=beta, only=only, strict=strict)
     return optax.chain(g, inner, g)
 
 
-def project_lora(params, subspace, sides=None, *, beta: float = 1.0):
+def project_lora(params, subspace, sides=None, *, beta: float = 1.0, strict: bool = True):
     """Project the LoRA factors of a param tree: reader ``lora_a <- P lora_a``, writer ``lora_b <- lora_b P``.
 
     Then ``U^T dW = 0`` for readers and ``dW U = 0`` for writers (``dW = s A B``). Used as the post-hoc
@@ -378,7 +384,7 @@ def project_lora(params, subspace, sides=None, *, beta: float = 1.0):
 
     Args:
       params: param tree with ``lora_a``/``lora_b`` leaves.
-      subspace, sides, beta: as in :func:`grasp`.
+      subspace, sides, beta, strict: as in :func:`grasp`.
 
     Returns:
       The param tree with projected LoRA factors.
@@ -393,17 +399,17 @@ def project_lora(params, subspace, sides=None, *, beta: float = 1.0):
       ([[0.0, 1.0, 1.0]], [[1.0], [1.0]], [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     """
     return _map_projected(params, _as_basis(subspace), sides, _check_beta(beta), only=LORA_LEAVES,
-                          strict=True, who="project_lora")
+                          strict=strict, who="project_lora")
 
 
-def grasp_init_params(params, subspace, sides=None):
+def grasp_init_params(params, subspace, sides=None, *, strict: bool = True):
     """Project the (random) initial LoRA ``A`` of every reader once, so ``U^T dW_reader = 0`` from step 0.
 
     .. math:: A_0 \\leftarrow A_0 - U (U^T A_0)\\quad\\text{(readers; writers' } B_0 = 0 \\text{ already)}.
 
     Args:
       params: freshly injected LoRA params (see :func:`jaxlab.lora.inject`).
-      subspace, sides: as in :func:`grasp`.
+      subspace, sides, strict: as in :func:`grasp`.
 
     Returns:
       Params with projected LoRA factors (the forward pass is unchanged since ``B_0 = 0``).
@@ -416,16 +422,16 @@ def grasp_init_params(params, subspace, sides=None):
       >>> grasp_init_params(p, U)["attn"]["q"]["lora_a"].tolist()   # a reader: U^T A0 = 0
       [[0.0], [1.0], [1.0]]
     """
-    return project_lora(params, subspace, sides, beta=1.0)
+    return project_lora(params, subspace, sides, beta=1.0, strict=strict)
 
 
-def project_finetune(params, base_params, subspace, sides=None, *, beta: float = 1.0):
+def project_finetune(params, base_params, subspace, sides=None, *, beta: float = 1.0, strict: bool = True):
     """Post-hoc projection of a full fine-tune: ``W <- W0 + P (W - W0)`` on every residual-side leaf.
 
     Args:
       params: fine-tuned params.
       base_params: the pretrained params (same structure).
-      subspace, sides, beta: as in :func:`grasp`.
+      subspace, sides, beta, strict: as in :func:`grasp`.
 
     Returns:
       Params whose change from ``base_params`` has no component along ``span(U)`` on the residual axis.
@@ -440,11 +446,12 @@ def project_finetune(params, base_params, subspace, sides=None, *, beta: float =
       [[5.0, 6.0, 6.0], [5.0, 6.0, 6.0]]
     """
     delta = jax.tree.map(lambda a, b: a - b, params, base_params)
-    pd = _map_projected(delta, _as_basis(subspace), sides, _check_beta(beta), strict=True, who="project_finetune")
+    pd = _map_projected(delta, _as_basis(subspace), sides, _check_beta(beta), strict=strict,
+                        who="project_finetune")
     return jax.tree.map(lambda b, d: b + d, base_params, pd)
 
 
-def subspace_leakage(delta, subspace, sides=None) -> dict[str, float]:
+def subspace_leakage(delta, subspace, sides=None, *, strict: bool = False) -> dict[str, float]:
     """Relative component of each residual-side update along ``span(U)``: ``||Pi_U(dW)||_F / ||dW||_F``.
 
     ``Pi_U`` is ``(dW U) U^T`` for writers and ``U (U^T dW)`` for readers (the part GRASP removes). After
@@ -453,9 +460,13 @@ def subspace_leakage(delta, subspace, sides=None) -> dict[str, float]:
     Args:
       delta: tree of parameter changes (e.g. ``merged - base``), Flax layout.
       subspace, sides: as in :func:`grasp`.
+      strict: as in :func:`grasp` (off by default here: a diagnostic that reports what it finds).
 
     Returns:
       ``{keystr(path): ratio}`` for every residual-side leaf (``0.0`` for an all-zero change).
+
+    Raises:
+      ValueError: (``strict``) a user rule that matches no module, or no leaf on a side.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np
@@ -466,6 +477,8 @@ def subspace_leakage(delta, subspace, sides=None) -> dict[str, float]:
     """
     basis = _as_basis(subspace)
     rules = as_residual_sides(sides)
+    if strict:
+        rules.check(delta, who="subspace_leakage")
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(delta)[0]:
         ls = rules.leaf_side(path, x)
@@ -474,4 +487,9 @@ def subspace_leakage(delta, subspace, sides=None) -> dict[str, float]:
         along = x - _project_leaf(basis, ls, x, 1.0)
         n = float(jnp.linalg.norm(jnp.ravel(x)))
         out[ls.path] = float(jnp.linalg.norm(jnp.ravel(along))) / n if n > 0 else 0.0
+    if strict and not out:
+        raise ValueError(
+            f"subspace_leakage: no leaf matched a residual side (rules {[p for p, _ in rules.rules]}); "
+            f"declare the sides of your modules, e.g. sides={{r'my_block/out$': 'writer'}}"
+        )
     return out

@@ -16,7 +16,8 @@ The residual-side singular vectors are kept (input side ``Q_a U_c`` for readers,
 and the top-``k`` eigenvectors of ``C`` form ``U (d_model, k)``. ``k`` defaults to the largest eigengap
 ``lambda_j / lambda_{j+1}`` among ``j <= max_k``. The factor is only identifiable when it is the dominant
 direction shared by the modules; the result reports the eigengap and the explained energy so a caller can
-tell (``result.trustworthy``).
+tell (``result.trustworthy``, and ``result.reason`` says why not). Adapters without a fine-tune signal
+(all updates zero, e.g. ``lora_b = 0`` right after ``inject``) are never trustworthy.
 
 :func:`identify_spurious_subspace` composes four steps, each a function of this module:
 
@@ -34,6 +35,7 @@ Reference: Gilligan-Lee, Egan, Zhu, O'Riordan, arXiv 2605.27676 (GRASP); ``specs
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -70,14 +72,18 @@ class SpuriousSubspace:
       eigenvalues: the spectrum of the aggregated matrix ``C`` (descending; sums to the number of modules
         with ``weighting="energy"``).
       k: number of directions kept.
-      eigengap: ``lambda_k / lambda_{k+1}`` (``inf`` when ``lambda_{k+1} = 0``; ``nan`` when ``k = 0``).
-      explained_energy: ``sum_{j<=k} lambda_j / sum_j lambda_j``.
+      eigengap: ``lambda_k / lambda_{k+1}`` (``inf`` when ``lambda_{k+1} = 0``; ``nan`` when ``k = 0``, when
+        ``lambda_k = 0`` and when there is no fine-tune signal at all, see ``update_norm``).
+      explained_energy: ``sum_{j<=k} lambda_j / sum_j lambda_j`` (``0.0`` without a fine-tune signal).
       aggregation: ``"global"`` or ``"per_layer"``.
       layer_ids: block indices of ``U_layers`` (per-layer aggregation), else ``None``.
       U_layers: ``(L, d_model, k)`` per-layer bases, else ``None``.
       layer_eigengaps / layer_explained_energy: per-layer diagnostics, else ``None``.
       module_singular_values: ``{module path: singular values of s A B}``.
       min_eigengap: the eigengap threshold used by :attr:`trustworthy`.
+      update_norm: ``sqrt(sum_m ||s A_m B_m||_F^2)`` over the adapted modules (``None``: not measured).
+      min_update_norm: at or below this ``update_norm`` the adapters carry no fine-tune signal (the
+        per-module unit-energy weights would otherwise blow float noise up into a "direction").
     """
 
     U: jax.Array
@@ -92,19 +98,52 @@ class SpuriousSubspace:
     layer_explained_energy: np.ndarray | None = None
     module_singular_values: dict = dataclasses.field(default_factory=dict)
     min_eigengap: float = 2.0
+    update_norm: float | None = None
+    min_update_norm: float = 1e-12
 
     @property
     def d_model(self) -> int:
         return int(self.U.shape[0])
 
     @property
+    def reason(self) -> str:
+        """Why the result is not trustworthy, in words; ``""`` when it is.
+
+        The checks, in order: a fine-tune signal at all (``update_norm > min_update_norm``), ``k > 0``, a
+        kept ``k``-th direction with energy (``eigengap`` not ``nan``), ``eigengap >= min_eigengap``.
+
+        Example:
+          >>> import numpy as np
+          >>> from jaxlab.transforms.grasp_identify import identify_spurious_subspace
+          >>> p = {"attn": {"o": {"lora_a": np.ones((4, 2)), "lora_b": np.zeros((2, 8))}}}   # B = 0
+          >>> res = identify_spurious_subspace(p, k=1)
+          >>> res.trustworthy, res.eigengap, res.reason
+          (False, nan, 'all LoRA updates are zero (no fine-tune signal; lora_b = 0 as right after inject?)')
+        """
+        if self.update_norm is not None and not self.update_norm > self.min_update_norm:
+            if self.update_norm == 0:
+                return "all LoRA updates are zero (no fine-tune signal; lora_b = 0 as right after inject?)"
+            return (
+                f"all LoRA updates are numerically zero (update_norm {self.update_norm:.3g} <= "
+                f"min_update_norm {self.min_update_norm:.3g}; no fine-tune signal)"
+            )
+        if self.k == 0:
+            return "k = 0: no direction kept"
+        if math.isnan(self.eigengap):
+            return f"the k={self.k}-th kept direction carries no energy (eigenvalue 0; choose a smaller k)"
+        if not self.eigengap >= self.min_eigengap:
+            return f"eigengap {self.eigengap:.3g} < min_eigengap {self.min_eigengap:.3g}"
+        return ""
+
+    @property
     def trustworthy(self) -> bool:
-        """``eigengap >= min_eigengap``: the kept directions stand clearly above the rest."""
-        return bool(self.k > 0 and self.eigengap >= self.min_eigengap)
+        """The kept directions stand clearly above the rest (``eigengap >= min_eigengap``) and the adapters
+        carry a fine-tune signal; :attr:`reason` says why not."""
+        return not self.reason
 
     def summary(self) -> str:
         top = ", ".join(f"{v:.3g}" for v in self.eigenvalues[: max(self.k + 2, 4)])
-        verdict = "trustworthy" if self.trustworthy else "NOT trustworthy (eigengap below threshold)"
+        verdict = "trustworthy" if self.trustworthy else f"NOT trustworthy ({self.reason})"
         return (
             f"SpuriousSubspace(d_model={self.d_model}, k={self.k}, aggregation={self.aggregation}, "
             f"eigengap={self.eigengap:.3g}, explained_energy={self.explained_energy:.3f}, "
@@ -489,7 +528,9 @@ def eigengap_and_energy(lam: np.ndarray, k: int) -> tuple[float, float]:
         \\text{explained energy} = \\textstyle\\sum_{j \\le k} \\lambda_j / \\sum_j \\lambda_j .
 
     A large eigengap says the kept directions stand clearly above the rest (the factor is the dominant
-    shared direction, the condition under which identification works); ``(nan, 0.0)`` for ``k = 0``.
+    shared direction, the condition under which identification works); ``(nan, 0.0)`` for ``k = 0``. The
+    eigengap is ``nan`` (not ``inf``) when the ``k``-th kept direction itself has no energy
+    (``lambda_k <= 10^{-12} lambda_1``, e.g. an all-zero spectrum): there is no gap to speak of.
 
     Args:
       lam: eigenvalues of ``C``, descending.
@@ -503,12 +544,19 @@ def eigengap_and_energy(lam: np.ndarray, k: int) -> tuple[float, float]:
       >>> from jaxlab.transforms.grasp_identify import eigengap_and_energy
       >>> eigengap_and_energy(np.array([4.0, 1.0, 1.0]), 1)
       (4.0, 0.6666666666666666)
+      >>> eigengap_and_energy(np.array([0.0, 0.0]), 1)   # no energy at all: no gap (not inf)
+      (nan, 0.0)
     """
     if k == 0:
         return float("nan"), 0.0
     tot = float(np.sum(lam))
+    top = float(lam[0]) if lam.size else 0.0
+    cur = float(lam[k - 1]) if lam.size >= k else 0.0
     nxt = float(lam[k]) if lam.size > k else 0.0
-    gap = float(lam[k - 1]) / nxt if nxt > 1e-12 * float(lam[0]) else float("inf")
+    if not cur > 1e-12 * top or top <= 0:
+        gap = float("nan")
+    else:
+        gap = cur / nxt if nxt > 1e-12 * top else float("inf")
     return gap, float(np.sum(lam[:k])) / tot if tot > 0 else 0.0
 
 
@@ -570,6 +618,8 @@ def identify_spurious_subspace(
     top_per_module: int | None = None,
     scale: float = 1.0,
     min_eigengap: float = 2.0,
+    min_update_norm: float = 1e-12,
+    strict: bool = True,
 ) -> SpuriousSubspace:
     """Find the residual-stream directions shared by the updates of a naive LoRA fine-tune.
 
@@ -595,13 +645,21 @@ def identify_spurious_subspace(
       top_per_module: keep only each module's top singular directions (default: all ``r``).
       scale: the LoRA scale (only changes the reported singular values; the weights are scale-free).
       min_eigengap: threshold for :attr:`SpuriousSubspace.trustworthy`.
+      min_update_norm: no fine-tune signal when the total update norm ``sqrt(sum_m ||s A_m B_m||_F^2)``
+        is at or below this (all updates zero, e.g. right after ``inject``, or float noise): the result is
+        then untrustworthy with ``eigengap = nan``, ``explained_energy = 0.0`` and, for ``k=None``,
+        ``k = 0`` (``U (d_model, 0)``: GRASP with it is the identity).
+      strict: raise when a user-given side rule matches no module path of ``lora_params`` (a typo; see
+        :meth:`~jaxlab.transforms.residual_sides.ResidualSides.check`).
 
     Returns:
-      A :class:`SpuriousSubspace` with ``U``, the spectrum, ``k``, eigengap and explained energy.
+      A :class:`SpuriousSubspace` with ``U``, the spectrum, ``k``, eigengap and explained energy;
+      ``result.trustworthy`` and ``result.reason`` judge it.
 
     Raises:
       ValueError: no LoRA pair on a declared side, mismatched factor shapes (naming the leaf), residual
-        widths that differ between modules, or bad arguments.
+        widths that differ between modules, a user rule that matches no module (``strict``), or bad
+        arguments.
 
     Example:
       Three writers (``attn/o``) whose rank-2 updates share the planted direction ``e_0`` of an
@@ -620,12 +678,21 @@ def identify_spurious_subspace(
       [2.7, 0.1, 0.1, 0.1, 0.0, 0.0]
       >>> round(res.eigengap, 6), round(res.explained_energy, 6)
       (27.0, 0.9)
+
+      Right after ``inject`` (``lora_b = 0``) there is nothing to identify:
+
+      >>> fresh = {"attn": {"o": {"lora_a": np.ones((4, 2)), "lora_b": np.zeros((2, 8))}}}
+      >>> zero = identify_spurious_subspace(fresh)
+      >>> zero.k, zero.trustworthy, zero.reason
+      (0, False, 'all LoRA updates are zero (no fine-tune signal; lora_b = 0 as right after inject?)')
     """
     if aggregation not in ("global", "per_layer"):
         raise ValueError(f"identify_spurious_subspace: aggregation={aggregation!r}; expected 'global' or 'per_layer'")
     if k is not None and k < 0:
         raise ValueError(f"identify_spurious_subspace: k={k} must be >= 0")
     rules = as_residual_sides(sides)
+    if strict:
+        rules.check(lora_params, who="identify_spurious_subspace")
 
     # 1. the adapted modules that read / write the residual stream, and its width
     modules = collect_lora_modules(lora_params, rules)
@@ -637,12 +704,15 @@ def identify_spurious_subspace(
         for m in modules
     }
     directions = [x for dirs in per_module.values() for x in dirs]
+    # the total update energy, before the per-module normalisation of the weights hides its size
+    update_norm = float(np.sqrt(sum(float(np.sum(x.sigma**2)) for x in directions)))
+    no_signal = not update_norm > min_update_norm
 
     # 3. pool them: the spectrum of C = sum w v v^T
     eigvecs, lam = pool_directions([x.vectors for x in directions], [x.weights for x in directions], d_model)
 
     # 4. the subspace and its diagnostics
-    kk = choose_k(lam, k, max_k)
+    kk = 0 if no_signal and k is None else choose_k(lam, k, max_k)
     if kk > d_model:
         raise ValueError(f"identify_spurious_subspace: k={kk} exceeds d_model={d_model}")
     gap, energy = eigengap_and_energy(lam, kk)
@@ -651,6 +721,10 @@ def identify_spurious_subspace(
         u_layers, layer_ids, layer_gaps, layer_energy = per_layer_subspaces(
             directions, kk, d_model, rules.layer_pattern
         )
+    if no_signal:  # whatever C's spectrum shows is float noise blown up to unit energy per module
+        gap, energy = float("nan"), 0.0
+        if layer_gaps is not None:
+            layer_gaps, layer_energy = np.full_like(layer_gaps, np.nan), np.zeros_like(layer_energy)
 
     return SpuriousSubspace(
         U=jnp.asarray(top_k_basis(eigvecs, kk, d_model), jnp.float32),
@@ -665,4 +739,6 @@ def identify_spurious_subspace(
         layer_explained_energy=layer_energy,
         module_singular_values={path: _module_sigma(dirs) for path, dirs in per_module.items()},
         min_eigengap=min_eigengap,
+        update_norm=update_norm,
+        min_update_norm=min_update_norm,
     )

@@ -15,7 +15,9 @@ PyTorch weights to Flax layout before declaring sides.)
 *module path* of a leaf (its tree path without the leaf name, keys joined by ``/``, e.g.
 ``"params/block_0/attn/q"``); the first matching rule wins, and a side of ``None`` excludes a module.
 The defaults fit :mod:`jaxlab.nn.transformer`; user rules given as a mapping are put *before* the
-defaults, so they override by pattern.
+defaults, so they override by pattern. A user rule that matches no module of a tree (a typo) would be
+ignored silently; :meth:`ResidualSides.check` raises instead, and the GRASP functions call it when
+``strict`` (their default).
 
 Reference: Gilligan-Lee et al., "Unsupervised Identification and Removal of Spurious Correlations During
 Fine-Tuning", arXiv 2605.27676 (GRASP), sec. 1 of ``specs/grasp.md``.
@@ -37,6 +39,7 @@ __all__ = [
     "LeafSide",
     "ResidualSides",
     "as_residual_sides",
+    "module_paths",
 ]
 
 READER = "reader"
@@ -64,6 +67,31 @@ BASE_NDIM = {"kernel": 2, "lora_a": 2, "lora_b": 2, "bias": 1, "embedding": 2}
 LORA_LEAVES = ("lora_a", "lora_b")
 
 _DEFAULT_LAYER_PATTERN = r"(?:^|/)(?:blocks?|layers?|h)_(\d+)(?:/|$)"
+_MAX_LISTED_MODULES = 40  # longer module listings in error messages collapse layer indices to <i>
+
+
+def module_paths(tree) -> list[str]:
+    """The sorted module paths of a tree: each leaf's slash path without the leaf name.
+
+    Flax metadata boxes (``nn.Partitioned``) are looked through (their ``.value`` is dropped from paths).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxlab.transforms.residual_sides import module_paths
+      >>> module_paths({"block_0": {"attn": {"q": {"kernel": np.zeros(2), "bias": np.zeros(2)}}}, "w": 1.0})
+      ['', 'block_0/attn/q']
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return sorted({"/".join(slash_path(p).split("/")[:-1]) for p, _ in leaves})
+
+
+def _listing(paths: list[str]) -> str:
+    """``paths`` for an error message; a long list has its layer indices collapsed (``block_<i>/attn/q``)."""
+    if len(paths) > _MAX_LISTED_MODULES:
+        paths = sorted({re.sub(r"(?:(?<=_)|(?<=^)|(?<=/))\d+(?=/|$)", "<i>", p) for p in paths})
+    more = len(paths) - _MAX_LISTED_MODULES
+    shown = paths[:_MAX_LISTED_MODULES]
+    return str(shown) + (f" ... and {more} more" if more > 0 else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +211,63 @@ class ResidualSides:
     def resolve(self, tree) -> Any:
         """A pytree like ``tree`` whose leaves are :class:`LeafSide` or ``None``."""
         return jax.tree_util.tree_map_with_path(self.leaf_side, tree)
+
+    def user_rules(self) -> tuple[tuple[str, str | None], ...]:
+        """The rules the user gave: every rule that is not one of :data:`DEFAULT_SIDE_RULES`.
+
+        Example:
+          >>> from jaxlab.transforms.residual_sides import ResidualSides
+          >>> ResidualSides.default().override({r"my_proj$": "writer"}).user_rules()
+          (('my_proj$', 'writer'),)
+        """
+        return tuple(r for r in self.rules if r not in DEFAULT_SIDE_RULES)
+
+    def unmatched(self, tree) -> tuple[tuple[str, str | None], ...]:
+        """The user rules (:meth:`user_rules`) whose pattern ``re.search``-es no module path of ``tree``.
+
+        Example:
+          >>> import numpy as np
+          >>> from jaxlab.transforms.residual_sides import ResidualSides
+          >>> tree = {"block_0": {"my_proj": {"kernel": np.zeros((4, 8))}}}
+          >>> ResidualSides.default().override({r"my_proj$": "writer", r"my_porj$": "reader"}).unmatched(tree)
+          (('my_porj$', 'reader'),)
+        """
+        paths = module_paths(tree)
+        return tuple((p, s) for p, s in self.user_rules() if not any(re.search(p, m) for m in paths))
+
+    def check(self, tree, *, who: str = "ResidualSides") -> None:
+        """Raise if a user-given rule matches no module path of ``tree`` (usually a typo in the pattern).
+
+        Only the rules the user gave are checked (:meth:`user_rules`): the defaults cover several model
+        families, so some of them never match a given model. A rule shadowed by an earlier one still
+        counts as matching.
+
+        Args:
+          tree: the param (or update) tree the rules are meant for.
+          who: the caller, named in the message.
+
+        Raises:
+          ValueError: naming each unmatched rule and listing the module paths the tree has.
+
+        Example:
+          >>> import numpy as np
+          >>> from jaxlab.transforms.residual_sides import as_residual_sides
+          >>> tree = {"block_0": {"my_proj": {"kernel": np.zeros((4, 8))}}}
+          >>> as_residual_sides({r"my_proj$": "writer"}).check(tree)        # matches: no error
+          >>> as_residual_sides({r"my_porj$": "writer"}).check(tree)
+          Traceback (most recent call last):
+            ...
+          ValueError: ResidualSides: side rule 'my_porj$' -> 'writer' matches no module path of the tree; module paths: ['block_0/my_proj'] (fix the pattern, or pass strict=False to allow rules for modules this tree does not have)
+        """
+        bad = self.unmatched(tree)
+        if bad:
+            rules = ", ".join(f"{p!r} -> {s!r}" for p, s in bad)
+            raise ValueError(
+                f"{who}: side rule{'s' if len(bad) > 1 else ''} {rules} "
+                f"match{'' if len(bad) > 1 else 'es'} no module path of the tree; module paths: "
+                f"{_listing(module_paths(tree))} (fix the pattern, or pass strict=False to allow rules for "
+                f"modules this tree does not have)"
+            )
 
 
 def as_residual_sides(sides) -> ResidualSides:
