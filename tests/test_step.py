@@ -400,5 +400,5 @@ def test_z_statistic_traces_for_more_than_2_31_elements():
 
     big = [jax.ShapeDtypeStruct((2**16, 2**15), jnp.bfloat16)] * 3  # 6.4e9 elements in all
     for geometric in (False, True):
-        out = jax.eval_shape(lambda g, v: z_statistic(g, v, 0.999, geometric=geometric), big, big)
+        out = jax.eval_shape(lambda g, v, geo=geometric: z_statistic(g, v, 0.999, geometric=geo), big, big)
         assert out.shape == () and out.dtype == jnp.float32
