@@ -7,6 +7,7 @@ from jaxlab.losses.meanflow import (
     adaptive_weights,
     auto_jvp_cond_weight,
     control_variate_statistics,
+    drop_label_prefix,
     drop_labels,
     guided_velocity,
     jvp_cond_weight_at,
@@ -43,6 +44,7 @@ __all__ += [
 # the named pieces meanflow_loss is composed of (see jaxlab.losses.meanflow)
 __all__ += [
     "drop_labels",
+    "drop_label_prefix",
     "guided_velocity",
     "vhat_estimate",
     "two_tangent_jvp",

@@ -35,7 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.losses.flow_matching import _check_unit_times, _concrete
-from jaxlab.losses.time_sampling import logit_normal_time_pairs, num_flow_matching_rows
+from jaxlab.losses.time_sampling import (
+    PREFIX_ROUNDINGS,
+    _prefix_count,
+    logit_normal_time_pairs,
+    num_flow_matching_rows,
+)
 
 __all__ = [
     "MeanFlowConfig",
@@ -46,6 +51,7 @@ __all__ = [
     "meanflow_sample",
     # the pieces meanflow_loss is composed of
     "drop_labels",
+    "drop_label_prefix",
     "guided_velocity",
     "vhat_estimate",
     "two_tangent_jvp",
@@ -63,6 +69,8 @@ __all__ = [
 ]
 
 _sg = jax.lax.stop_gradient
+
+_LABEL_DROPOUT_MODES = ("iid", "prefix")
 
 # Old field names (``cfg`` means "config" everywhere else in jaxlab) -> their current names.
 _RENAMED_FIELDS = {
@@ -103,6 +111,13 @@ class MeanFlowConfig:
         loss state).
       time_mu, time_sigma: logit-normal time sampler parameters.
       flow_matching_fraction: fraction of rows with ``r = t`` (static leading prefix), in ``[0, 1]``.
+      prefix_rounding: how a fraction of the batch ``B`` (the batch the loss sees: per device under
+        ``shard_map``/``pmap``) becomes a static row count: the ``r = t`` rows are the first
+        ``n_eq = round(flow_matching_fraction * B)`` (``"round"``, nearest with ties to even: jaxlab's
+        earlier behaviour and the default) or ``floor(flow_matching_fraction * B)`` (``"floor"``: the
+        official MeanFlow code's ``int(bz * data_proportion)``) rows; the same rule counts the null-label
+        rows of ``label_dropout_mode="prefix"``. The two agree whenever ``fraction * B`` is an integer
+        (the default 0.75 with ``B`` divisible by 4); see :func:`num_flow_matching_rows`.
       adaptive_p, adaptive_c: adaptive weight ``loss_i = d_i / sg((d_i + c)^p)``; ``p = 0`` is plain
         squared error. Paper defaults: ``p = 1, c = 1e-2`` (latents), ``p = 0.75, c = 1e-3`` (pixels).
       reduction: ``"sum"`` (MeanFlow: ``d_i`` sums over dims) or ``"mean"``; it changes the effective ``c``.
@@ -119,16 +134,44 @@ class MeanFlowConfig:
         (formerly ``cfg_kappa``).
       guidance_interval: guidance is applied only for ``t`` in this closed interval (formerly
         ``cfg_interval``).
-      label_dropout: probability of replacing a label by the null class (guidance only).
+      label_dropout: probability ``p`` of replacing a label by the null class (how: ``label_dropout_mode``).
+      label_dropout_mode: which rows get the null label (index ``num_classes``):
+
+        ``"iid"`` (default; jaxlab's earlier behaviour): only with guidance on, each row independently
+        with probability ``p`` (:func:`drop_labels` on the third key of ``split(key, 3)``); dropped rows
+        may be ``r = t`` or ``r != t`` rows. Without guidance labels are passed through unchanged.
+
+        ``"prefix"`` (as the official MeanFlow and improved-MeanFlow codes): whenever labels ``y`` are
+        given, guidance on *or off*, exactly the first ``n_drop`` rows, ``n_drop = round(p B)`` or
+        ``floor(p B)`` by ``prefix_rounding`` (:func:`drop_label_prefix`; no randomness). These are
+        ``r = t`` rows: the loss raises a ``ValueError`` if ``n_drop`` exceeds the number ``n_eq`` of
+        leading ``r = t`` rows, which cannot happen for sampled times when ``p <= flow_matching_fraction``
+        (required here) since both counts use the same monotone rule. The official code drops the
+        first ``K`` rows with ``K`` random (the number of successes of ``B`` Bernoulli(``p``) draws,
+        mean ``p B``); here the count is the static ``n_drop`` (within one row of ``p B``).
+
+        In both modes a dropped row is trained on the null label and, with guidance, is not guided
+        (its target velocity is ``v_c``, as in the official code).
       num_classes: number of classes; the null class is index ``num_classes``. Required with guidance.
 
     The old names ``cfg_omega``, ``cfg_kappa``, ``cfg_interval`` raise a ``TypeError`` naming the new field.
+
+    To follow the official MeanFlow code in the two places where jaxlab's defaults differ, set
+    ``prefix_rounding="floor", label_dropout_mode="prefix"``; the defaults ``"round"`` and ``"iid"`` keep
+    jaxlab's earlier numbers bit for bit.
 
     Example:
       >>> from jaxlab.losses import MeanFlowConfig
       >>> cfg = MeanFlowConfig(jvp_cond_weight=0.9, flow_matching_fraction=0.5, adaptive_p=1.0)
       >>> MeanFlowConfig(guidance_scale=2.0, num_classes=10).guidance_on
       True
+      >>> official = MeanFlowConfig(prefix_rounding="floor", label_dropout_mode="prefix", num_classes=10)
+      >>> official.prefix_rounding, official.label_dropout_mode, MeanFlowConfig().label_dropout_mode
+      ('floor', 'prefix', 'iid')
+      >>> MeanFlowConfig(label_dropout_mode="prefix", label_dropout=0.8, num_classes=10)
+      Traceback (most recent call last):
+        ...
+      ValueError: MeanFlowConfig.label_dropout: expected a probability <= flow_matching_fraction = 0.75 with label_dropout_mode="prefix" (the null-label rows must be r = t rows), got 0.8
       >>> MeanFlowConfig(cfg_omega=2.0, num_classes=10)
       Traceback (most recent call last):
         ...
@@ -152,6 +195,8 @@ class MeanFlowConfig:
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     label_dropout: float = 0.1
     num_classes: int | None = None
+    prefix_rounding: str = "round"
+    label_dropout_mode: str = "iid"
 
     def __post_init__(self):
         def bad(field, got, expected):
@@ -188,8 +233,16 @@ class MeanFlowConfig:
                 bad(f, getattr(self, f), "a decay in [0, 1)")
         if not 0.0 <= self.auto_init <= 1.0:
             bad("auto_init", self.auto_init, "a number in [0, 1]")
+        if self.prefix_rounding not in PREFIX_ROUNDINGS:
+            bad("prefix_rounding", self.prefix_rounding, '"round" (jaxlab) or "floor" (official MeanFlow code)')
         if not 0.0 <= self.label_dropout <= 1.0:
             bad("label_dropout", self.label_dropout, "a probability in [0, 1]")
+        if self.label_dropout_mode not in _LABEL_DROPOUT_MODES:
+            bad("label_dropout_mode", self.label_dropout_mode, '"iid" (jaxlab) or "prefix" (official MeanFlow code)')
+        if self.label_dropout_mode == "prefix" and self.label_dropout > self.flow_matching_fraction:
+            bad("label_dropout", self.label_dropout,
+                f"a probability <= flow_matching_fraction = {self.flow_matching_fraction!r} with "
+                'label_dropout_mode="prefix" (the null-label rows must be r = t rows)')
         lo, hi = self.guidance_interval
         if not 0.0 <= lo <= hi <= 1.0:
             bad("guidance_interval", self.guidance_interval, "(lo, hi) with 0 <= lo <= hi <= 1")
@@ -303,6 +356,37 @@ def drop_labels(key: jax.Array, y: jax.Array, rate: float, num_classes: int):
     null = jnp.full(y.shape, num_classes, jnp.int32)
     drop = jax.random.bernoulli(key, rate, y.shape)
     return jnp.where(drop, null, y.astype(jnp.int32)), drop
+
+
+def drop_label_prefix(y: jax.Array, n_drop: int, num_classes: int):
+    """Prefix label dropout (``label_dropout_mode="prefix"``): the first ``n_drop`` rows get the null label.
+
+        drop_i = (i < n_drop),    y_in_i = null if drop_i else y_i,    null = num_classes
+
+    :func:`meanflow_loss` passes ``n_drop = round(p B)`` or ``floor(p B)`` (``prefix_rounding``), which
+    is at most the number of leading ``r = t`` rows, so only flow-matching rows lose their label.
+
+    Args:
+      y: integer labels ``(B,)`` in ``[0, num_classes)``.
+      n_drop: static number of leading rows to drop, in ``[0, B]``.
+      num_classes: number of real classes.
+    Returns:
+      ``(y_in, drop)``: the ``int32`` labels the model is trained on and the boolean ``(B,)`` drop mask.
+    Raises:
+      ValueError: ``n_drop`` not an int in ``[0, B]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import drop_label_prefix
+      >>> y_in, drop = drop_label_prefix(jnp.array([0, 1, 2, 0]), 2, num_classes=3)
+      >>> y_in.tolist(), drop.tolist()
+      ([3, 3, 2, 0], [True, True, False, False])
+    """
+    B = y.shape[0]
+    if isinstance(n_drop, bool) or not isinstance(n_drop, int) or not 0 <= n_drop <= B:
+        raise ValueError(f"drop_label_prefix: n_drop must be a static int in [0, {B}], got {n_drop!r}")
+    drop = jnp.arange(B) < n_drop
+    return jnp.where(drop, jnp.int32(num_classes), y.astype(jnp.int32)), drop
 
 
 def guided_velocity(
@@ -779,20 +863,51 @@ def _check_time_values(t, r):
 
 
 def _time_pairs(config, key, x, t, r, prefix):
-    """``(r, t, n_eq)``: sampled (static ``r = t`` prefix of ``round(fraction B)`` rows) or the given times."""
+    """``(r, t, n_eq)``: sampled (static ``r = t`` prefix of ``round``/``floor(fraction B)`` rows) or the given times."""
     B, dtype = x.shape[0], x.dtype
     if t is None:
         r, t = logit_normal_time_pairs(
             key, B, mu=config.time_mu, sigma=config.time_sigma,
-            flow_matching_fraction=config.flow_matching_fraction, dtype=dtype,
+            flow_matching_fraction=config.flow_matching_fraction,
+            flow_matching_rounding=config.prefix_rounding, dtype=dtype,
         )
-        n_eq = num_flow_matching_rows(B, config.flow_matching_fraction) if prefix is None else prefix
+        if prefix is None:
+            prefix = num_flow_matching_rows(B, config.flow_matching_fraction, config.prefix_rounding)
+        n_eq = prefix
     else:
         t, r = jnp.asarray(t, dtype), jnp.asarray(r, dtype)
         n_eq = 0 if prefix is None else prefix
     if not isinstance(n_eq, int) or not 0 <= n_eq <= B:
         raise ValueError(f"meanflow_loss: prefix must be a static int in [0, {B}], got {n_eq!r}")
     return r, t, n_eq
+
+
+def _labels_in(config, key, y, n_eq):
+    """``(y_in, drop)``: the labels the model trains on and the drop mask (``None``: nothing dropped)."""
+    if y is None:
+        return None, None
+    if config.label_dropout_mode == "iid":
+        if not config.guidance_on:
+            return y, None
+        return drop_labels(key, y, config.label_dropout, config.num_classes)
+    B = y.shape[0]
+    n_drop = _prefix_count(config.label_dropout, B, config.prefix_rounding)
+    if n_drop == 0:
+        return y, None
+    if config.num_classes is None:
+        raise ValueError(
+            f'meanflow_loss: MeanFlowConfig.label_dropout_mode="prefix" drops the labels of the first {n_drop} '
+            "rows (guidance on or off) to the null class num_classes, but MeanFlowConfig.num_classes is None: "
+            "set num_classes, set label_dropout=0, or do not pass y"
+        )
+    if n_drop > n_eq:
+        raise ValueError(
+            f'meanflow_loss: MeanFlowConfig.label_dropout_mode="prefix" puts the null label on the first '
+            f"{n_drop} rows ({config.prefix_rounding} of label_dropout={config.label_dropout!r} * B={B}), but only "
+            f"the first {n_eq} rows have r = t; expected at most {n_eq} null-label rows (with explicit t, r pass "
+            "prefix= the number of leading r = t rows)"
+        )
+    return drop_label_prefix(y, n_drop, config.num_classes)
 
 
 def _loss_state(config, params, loss_state):
@@ -832,6 +947,11 @@ def meanflow_loss(
     ``v_g = omega v_c + kappa u(z, t, t | y) + (1 - omega - kappa) u(z, t, t | null)`` (stop-gradient) for
     ``t`` in ``guidance_interval`` on rows whose label was not dropped (:func:`guided_velocity`).
 
+    Label dropout (``MeanFlowConfig.label_dropout_mode``): ``"iid"`` drops each label with probability
+    ``label_dropout`` and only with guidance on; ``"prefix"`` (official MeanFlow code) gives the null label
+    to exactly the first ``n_drop = round/floor(label_dropout * B)`` rows whenever ``y`` is given, guidance
+    on or off, and raises if those are not all among the ``n_eq`` leading ``r = t`` rows.
+
     ``"auto"`` coefficient: with ``epshat = v_c - vhat`` a second tangent ``(epshat, 0, 0)`` on the same
     linearisation gives ``a_i = (t_i - r_i) J_i epshat_i`` (so ``J w + d_t u`` for any ``lam`` is
     ``(J vhat + d_t u) + lam J epshat``, :func:`two_tangent_jvp`). The pooled estimate
@@ -860,17 +980,19 @@ def meanflow_loss(
       apply_fn: ``apply_fn(params, z, r, t[, y]) -> u`` with ``z: (B, ...)``, ``r, t: (B,)``.
       params: model params (any pytree; gradients flow through ``u`` only).
       x: ``(B, ...)`` data.
-      key: PRNG key for times, noise and label dropout (split as ``k_time, k_noise, k_drop``).
+      key: PRNG key for times, noise and label dropout (split as ``k_time, k_noise, k_drop``; ``k_drop`` is
+        used by ``label_dropout_mode="iid"`` only).
       config: :class:`MeanFlowConfig` (default: original MeanFlow).
       t, r: explicit times ``(B,)`` (both or neither) with ``0 <= r <= t <= 1``. With them given the loss
         is deterministic in its inputs and every row goes through the JVP (``r = t`` rows give exactly
         ``T = v_c``) unless ``prefix`` says how many leading rows have ``r = t``.
       noise: explicit ``e`` (shape of ``x``).
-      y: integer labels ``(B,)`` (required with guidance).
+      y: integer labels ``(B,)`` (required with guidance; with ``label_dropout_mode="prefix"`` their first
+        ``n_drop`` rows are replaced by the null class even without guidance).
       loss_state: the state from :func:`meanflow_init_state` / the previous ``aux["loss_state"]``;
         ``None`` starts fresh.
-      prefix: static number of leading ``r = t`` rows (default: ``round(fraction * B)`` when sampling,
-        0 with explicit times).
+      prefix: static number of leading ``r = t`` rows (default: ``round(fraction * B)`` or
+        ``floor(fraction * B)`` by ``MeanFlowConfig.prefix_rounding`` when sampling, 0 with explicit times).
       axis_name: a ``pmap``/``shard_map`` axis over which the ``"auto"`` statistics are summed.
     Returns:
       ``(loss, aux)`` with ``aux``: ``mse`` (unweighted per-dim MSE, all rows), ``mse_fm`` / ``mse_mf``
@@ -882,7 +1004,8 @@ def meanflow_loss(
       ValueError: inputs of the wrong shape; explicit ``t``/``r`` outside ``[0, 1]`` or with ``r > t`` in
         some row (the message names the argument, how many entries are bad and the first one). The value
         checks run eagerly only: under ``jit``/``vmap``/``grad`` the times are tracers and only their
-        shapes are checked.
+        shapes are checked. With ``label_dropout_mode="prefix"`` and labels: more null-label rows than
+        leading ``r = t`` rows (e.g. explicit times without ``prefix``), or ``num_classes`` unset.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -918,9 +1041,9 @@ def meanflow_loss(
     # The path and the regression velocity: v_c, or the guided v_g (then also the boundary u(z, t, t | y_in)).
     tb = _bcast(t, nd)
     z = (1 - tb) * x + tb * e
-    v, y_in, boundary = e - x, y, None
+    v, boundary = e - x, None
+    y_in, drop = _labels_in(config, k_drop, y, n_eq)
     if config.guidance_on:
-        y_in, drop = drop_labels(k_drop, y, config.label_dropout, config.num_classes)
         v, boundary = guided_velocity(
             apply_fn, params, z, t, v, y, scale=config.guidance_scale, kappa=config.guidance_kappa,
             null_class=config.num_classes, interval=config.guidance_interval, drop=drop,
