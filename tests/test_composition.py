@@ -186,9 +186,11 @@ CASES = {
 AXIS = {"pmap": "batch", "shard_map": "data"}  # the axis names of make_pmap/shard_map_train_step
 
 
-# STE is SR-STE's lambda = 0 corner of the same factory (equal bitwise: test_step_baselines'
-# test_ste_is_sr_ste_with_lambda_zero_exactly), so the default suite runs its modes only under -m slow.
-SLOW_CASES = {"ste_adamw"}
+# Cases whose code the default cases already run, so they go under -m slow (suite time): STE is SR-STE's
+# lambda = 0 corner of the same factory (equal bitwise: test_step_baselines'
+# test_ste_is_sr_ste_with_lambda_zero_exactly); SR-STE's update is STEP's phase 2 (sr_ste_phase2), which the
+# STEP case crosses into; the fixed-lambda MeanFlow loss is the auto case's loss with lambda given.
+SLOW_CASES = {"ste_adamw", "sr_ste_adamw", "meanflow_lam0.5+adam"}
 
 
 @pytest.mark.parametrize("case", [c if c not in SLOW_CASES else pytest.param(c, marks=pytest.mark.slow)

@@ -306,7 +306,9 @@ def _pinned_run(B, cfg, labelled, keys=("mse", "mse_fm", "mse_mf")):
     return {"loss": float(loss), **{k: float(aux[k]) for k in keys}}, gsq, g
 
 
-@pytest.mark.parametrize("name", sorted(PINNED))
+# two pins in the default suite (the round-vs-floor batch and the guided i.i.d. drop), all under -m slow
+@pytest.mark.parametrize("name", [n if n in ("default_B10", "guided_iid_B16") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(PINNED)])
 def test_defaults_unchanged_against_pinned_values(name):
     """The default options (and spelling them out) reproduce the pre-change numbers, bit for bit in the
     setting they were computed in (see PINNED). B = 10 pins the default "round" count where it differs
@@ -325,7 +327,7 @@ def test_defaults_unchanged_against_pinned_values(name):
             np.testing.assert_allclose(gsq, want_gsq, rtol=1e-4)
 
 
-@pytest.mark.parametrize("B", [4, 8, 12])
+@pytest.mark.parametrize("B", [pytest.param(4, marks=pytest.mark.slow), 8, pytest.param(12, marks=pytest.mark.slow)])
 def test_floor_equals_round_when_the_fraction_divides_the_batch(B):
     """Default fraction 0.75 and B divisible by 4: "floor" (official) gives bit-identical numbers to "round"."""
     m_round, gsq_round, g_round = _pinned_run(B, MeanFlowConfig(prefix_rounding="round"), False)

@@ -581,6 +581,10 @@ def save_hf(
     return out
 
 
+_compress_jit = jax.jit(compress, static_argnums=(1, 2, 3))  # one compiled program per shape, not op by op
+_decompress_jit = jax.jit(decompress)
+
+
 def _is_projection(p: tuple[str, ...]) -> bool:
     return p[-1] == "kernel" and len(p) >= 3 and p[-3] in ("attn", "mlp")
 
@@ -595,8 +599,8 @@ def _write_sidecar(out: Path, flat, nm):
             continue
         name = "/".join(p)
         axis = reduction_axis(p, w)
-        c = compress(jnp.asarray(w), n, m, axis, name=name)
-        if not np.array_equal(np.asarray(decompress(c)), np.asarray(w)):
+        c = _compress_jit(jnp.asarray(w), n, m, axis)
+        if not np.array_equal(np.asarray(_decompress_jit(c)), np.asarray(w)):
             kept = int(np.count_nonzero(np.asarray(w)))
             raise ValueError(
                 f"save_hf(nm={nm}): {name} (shape {tuple(w.shape)}) is not {n}:{m} sparse along axis {axis} "
@@ -628,7 +632,7 @@ def _read_sidecar(d: Path, params) -> dict[tuple[str, ...], NMCompressed]:
             n=int(meta["n"]), m=int(meta["m"]), axis=int(info["axis"]), shape=tuple(info["shape"]),
             dtype=jnp.dtype(flat[p].dtype),
         )
-        if not bool(jnp.array_equal(decompress(c), flat[p])):
+        if not bool(jnp.array_equal(_decompress_jit(c), flat[p])):
             raise ValueError(f"{d}: the N:M sidecar's {name} does not decompress to the dense tensor")
         out[p] = c
     return out
