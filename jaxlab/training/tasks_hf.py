@@ -36,6 +36,7 @@ from jaxlab.paths import path_keys, slash_path
 from jaxlab.training.config import ConfigError, RunConfig
 from jaxlab.training.methods import get_method
 from jaxlab.training.registry import Task, register_model, register_task
+from jaxlab.training.tasks_lm import _grasp_basis as lm_grasp_basis
 from jaxlab.transforms import grasp, grasp_init_params, identify_spurious_subspace, prune
 
 __all__ = ["HFModelOptions", "SFTTaskOptions", "load_adapter", "save_adapter"]
@@ -127,11 +128,8 @@ def load_adapter(path) -> dict:
 
 
 def _grasp_basis(spec: str, d_model: int, seed: int, k: int | None, lora_alpha, rank):
-    """``(U, identification or None)`` for ``task.options.grasp_subspace``."""
-    if spec.startswith("random:"):
-        kk = int(spec.split(":", 1)[1])
-        q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d_model, kk)))
-        return q.astype(np.float32), None
+    """``(U, identification or None)`` for ``task.options.grasp_subspace`` (``random:K`` and ``.npy`` as in the
+    ``lm`` task)."""
     if spec.startswith("identify:"):
         src = Path(spec.split(":", 1)[1])
         adapter = src / "adapter.safetensors" if src.is_dir() else src
@@ -140,10 +138,7 @@ def _grasp_basis(spec: str, d_model: int, seed: int, k: int | None, lora_alpha, 
         scale = 1.0 if lora_alpha is None else lora_alpha / rank
         ident = identify_spurious_subspace(load_adapter(adapter), k=k, scale=scale)
         return np.asarray(ident.U, np.float32), ident
-    u = np.load(spec)
-    if u.ndim != 2 or u.shape[0] != d_model:
-        raise ConfigError(f"task.options.grasp_subspace: {spec} has shape {u.shape}, expected ({d_model}, k)")
-    return u.astype(np.float32), None
+    return lm_grasp_basis(spec, d_model, seed), None
 
 
 # --------------------------------------------------------------------------------------- batches
