@@ -205,20 +205,20 @@ def test_typo_rule_raises_naming_rule_and_modules():
         as_residual_sides(TYPO).check(tree, who="check")
     _check_message(err, "check")
     with pytest.raises(ValueError) as err:
-        grasp(U, TYPO).init(tree)
+        grasp(U, TYPO, strict=True).init(tree)
     _check_message(err, "grasp")
     tx = grasp(U, TYPO, strict=False)  # update() checks too, whatever the init saw
     with pytest.raises(ValueError) as err:
-        grasp(U, TYPO).update(tree, tx.init(tree))
+        grasp(U, TYPO, strict=True).update(tree, tx.init(tree))
     _check_message(err, "grasp")
     with pytest.raises(ValueError) as err:
-        jaxlab.grasp_around(optax.adam(1e-2), U, TYPO).init(tree)
+        jaxlab.grasp_around(optax.adam(1e-2), U, TYPO, strict=True).init(tree)
     _check_message(err, "grasp")
-    for fn, who in ((lambda: project_lora(tree, U, TYPO), "project_lora"),
-                    (lambda: grasp_init_params(tree, U, TYPO), "project_lora"),
-                    (lambda: jaxlab.project_finetune(tree, tree, U, TYPO), "project_finetune"),
+    for fn, who in ((lambda: project_lora(tree, U, TYPO, strict=True), "project_lora"),
+                    (lambda: grasp_init_params(tree, U, TYPO, strict=True), "project_lora"),
+                    (lambda: jaxlab.project_finetune(tree, tree, U, TYPO, strict=True), "project_finetune"),
                     (lambda: subspace_leakage(tree, U, TYPO, strict=True), "subspace_leakage"),
-                    (lambda: jaxlab.identify_spurious_subspace(tree, sides=TYPO),
+                    (lambda: jaxlab.identify_spurious_subspace(tree, sides=TYPO, strict=True),
                      "identify_spurious_subspace")):
         with pytest.raises(ValueError) as err:
             fn()
@@ -262,6 +262,16 @@ def test_non_strict_ignores_unmatched_rules_as_before():
     # strict's old meaning stands: no leaf on a side at all still raises (defaults only, no user rule)
     with pytest.raises(ValueError, match="no leaf matched a residual side"):
         grasp(U).init(tree)
+
+
+def test_default_allows_a_rule_for_modules_the_tree_lacks():
+    """The rule check is opt-in (strict=True): one rule set describing a whole model is normal while the
+    optimizer sees part of it (LoRA on some modules; experiments/grasp_linear does exactly that)."""
+    tree = _adapter_tree()
+    out, _ = grasp(U, TYPO).update(tree, grasp(U, TYPO).init(tree))
+    assert float(jnp.abs(out["block_0"]["proj_in"]["lora_b"] @ U).max()) < 1e-6
+    project_lora(tree, U, TYPO)
+    assert jaxlab.identify_spurious_subspace(tree, sides=TYPO, k=1).U.shape == (6, 1)
 
 
 def test_long_module_listing_collapses_layer_indices():

@@ -233,11 +233,12 @@ def _project_leaf(basis: _Basis, ls: LeafSide, x, beta):
     return project_residual(x, _layer_basis(basis, ls), ls.axis, beta)
 
 
-def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool, who: str):
+def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool | None, who: str):
     """Project every residual-side leaf of ``tree`` (restricted to leaf names in ``only``); ``None`` leaves pass.
 
-    ``strict`` raises when a user-given side rule matches no module path of ``tree``
-    (:meth:`ResidualSides.check`) or when no leaf matched a side (``who`` names the caller in the message).
+    ``strict=True`` raises when a user-given side rule matches no module path of ``tree``
+    (:meth:`ResidualSides.check`); ``strict`` not ``False`` raises when no leaf matched a side (``who`` names
+    the caller in the message).
     """
     rules = as_residual_sides(sides)
     if strict:
@@ -254,7 +255,7 @@ def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool,
         return _project_leaf(basis, ls, x, beta)
 
     out = jax.tree_util.tree_map_with_path(f, tree)
-    if strict and not hits:
+    if strict is not False and not hits:
         raise ValueError(
             f"{who}: no leaf matched a residual side (rules {[p for p, _ in rules.rules]}); declare the "
             f"sides of your modules, e.g. sides={{r'my_block/out$': 'writer'}}"
@@ -263,7 +264,7 @@ def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool,
 
 
 def grasp(
-    subspace, sides=None, *, beta: float = 1.0, strict: bool = True, only: tuple[str, ...] | None = None
+    subspace, sides=None, *, beta: float = 1.0, strict: bool | None = None, only: tuple[str, ...] | None = None
 ) -> optax.GradientTransformationExtraArgs:
     """GRASP as an Optax transform: project updates off ``span(U)`` on each leaf's residual axis.
 
@@ -282,9 +283,10 @@ def grasp(
       sides: residual-side rules (``None``: defaults for :mod:`jaxlab.nn.transformer`; a mapping
         ``pattern -> side`` overrides them; or a :class:`~jaxlab.transforms.residual_sides.ResidualSides`).
       beta: projection strength in ``[0, 1]`` (1: hard projection; idempotent only at 0 or 1).
-      strict: raise on a likely misconfiguration of ``sides``: a user-given rule that matches no module
-        path of the tree (a typo; the built-in defaults are not checked), or no leaf matching a side at
-        all. Checked on the params at ``init`` and on every ``update``.
+      strict: ``None`` (default): raise when no leaf matches a side at all; ``True``: also raise when a
+        user-given rule matches no module path of the tree (a typo; the built-in defaults are not checked;
+        opt-in because one rule set often describes a whole model while the optimizer sees part of it,
+        e.g. LoRA on some modules); ``False``: never raise. Checked at ``init`` and on every ``update``.
       only: project only leaves with these names, e.g. ``("lora_a", "lora_b")`` when the base kernels are
         frozen (their updates are zero; skipping them saves the work).
 
@@ -340,7 +342,7 @@ def grasp(
 
 def grasp_around(
     inner: optax.GradientTransformation, subspace, sides=None, *, beta: float = 1.0,
-    only: tuple[str, ...] | None = None, strict: bool = True,
+    only: tuple[str, ...] | None = None, strict: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``optax.chain(grasp(U), inner, grasp(U))``: project the gradient before the optimizer and the update after.
 
@@ -375,7 +377,7 @@ def grasp_around(
     return optax.chain(g, inner, g)
 
 
-def project_lora(params, subspace, sides=None, *, beta: float = 1.0, strict: bool = True):
+def project_lora(params, subspace, sides=None, *, beta: float = 1.0, strict: bool | None = None):
     """Project the LoRA factors of a param tree: reader ``lora_a <- P lora_a``, writer ``lora_b <- lora_b P``.
 
     Then ``U^T dW = 0`` for readers and ``dW U = 0`` for writers (``dW = s A B``). Used as the post-hoc
@@ -402,7 +404,7 @@ def project_lora(params, subspace, sides=None, *, beta: float = 1.0, strict: boo
                           strict=strict, who="project_lora")
 
 
-def grasp_init_params(params, subspace, sides=None, *, strict: bool = True):
+def grasp_init_params(params, subspace, sides=None, *, strict: bool | None = None):
     """Project the (random) initial LoRA ``A`` of every reader once, so ``U^T dW_reader = 0`` from step 0.
 
     .. math:: A_0 \\leftarrow A_0 - U (U^T A_0)\\quad\\text{(readers; writers' } B_0 = 0 \\text{ already)}.
@@ -425,7 +427,7 @@ def grasp_init_params(params, subspace, sides=None, *, strict: bool = True):
     return project_lora(params, subspace, sides, beta=1.0, strict=strict)
 
 
-def project_finetune(params, base_params, subspace, sides=None, *, beta: float = 1.0, strict: bool = True):
+def project_finetune(params, base_params, subspace, sides=None, *, beta: float = 1.0, strict: bool | None = None):
     """Post-hoc projection of a full fine-tune: ``W <- W0 + P (W - W0)`` on every residual-side leaf.
 
     Args:

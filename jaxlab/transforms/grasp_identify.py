@@ -619,7 +619,7 @@ def identify_spurious_subspace(
     scale: float = 1.0,
     min_eigengap: float = 2.0,
     min_update_norm: float = 1e-12,
-    strict: bool = True,
+    strict: bool | None = None,
 ) -> SpuriousSubspace:
     """Find the residual-stream directions shared by the updates of a naive LoRA fine-tune.
 
@@ -649,8 +649,8 @@ def identify_spurious_subspace(
         is at or below this (all updates zero, e.g. right after ``inject``, or float noise): the result is
         then untrustworthy with ``eigengap = nan``, ``explained_energy = 0.0`` and, for ``k=None``,
         ``k = 0`` (``U (d_model, 0)``: GRASP with it is the identity).
-      strict: raise when a user-given side rule matches no module path of ``lora_params`` (a typo; see
-        :meth:`~jaxlab.transforms.residual_sides.ResidualSides.check`).
+      strict: ``True``: raise when a user-given side rule matches no module path of ``lora_params`` (a typo;
+        see :meth:`~jaxlab.transforms.residual_sides.ResidualSides.check`); off by default (``None``/``False``).
 
     Returns:
       A :class:`SpuriousSubspace` with ``U``, the spectrum, ``k``, eigengap and explained energy;

@@ -16,8 +16,8 @@ PyTorch weights to Flax layout before declaring sides.)
 ``"params/block_0/attn/q"``); the first matching rule wins, and a side of ``None`` excludes a module.
 The defaults fit :mod:`jaxlab.nn.transformer`; user rules given as a mapping are put *before* the
 defaults, so they override by pattern. A user rule that matches no module of a tree (a typo) would be
-ignored silently; :meth:`ResidualSides.check` raises instead, and the GRASP functions call it when
-``strict`` (their default).
+ignored silently; :meth:`ResidualSides.check` raises instead, and the GRASP functions call it with
+``strict=True`` (opt-in: one rule set often describes a whole model while a call sees part of it).
 
 Reference: Gilligan-Lee et al., "Unsupervised Identification and Removal of Spurious Correlations During
 Fine-Tuning", arXiv 2605.27676 (GRASP), sec. 1 of ``specs/grasp.md``.
