@@ -27,7 +27,7 @@ from jaxlab.losses import (
     meanflow_sample,
 )
 from jaxlab.metrics import energy_distance, mmd_rbf, sliced_wasserstein2
-from jaxlab.nn import LoRADense, NMDense, lora
+from jaxlab.nn import LoRADense, NMDense, grasp_intercept, lora, residual_projection_hook
 from jaxlab.transforms import (
     SpuriousSubspace,
     asp,
@@ -36,6 +36,7 @@ from jaxlab.transforms import (
     grasp_around,
     grasp_init_params,
     identify_spurious_subspace,
+    project_cotangent,
     project_finetune,
     project_lora,
     prune,
@@ -100,6 +101,9 @@ __all__ = [
     "identify_spurious_subspace",
     "lora",
     "LoRADense",
+    "grasp_intercept",
+    "project_cotangent",
+    "residual_projection_hook",
     "project_finetune",
     "project_lora",
     "subspace_leakage",

@@ -113,7 +113,7 @@ def test_resid_hook_order_identity_and_intervention(model_params):
 
     base, resid = model.apply({"params": params}, tokens, return_residuals=True)
     hooked = model.apply({"params": params}, tokens, resid_hook=record)
-    assert [(i, s) for i, s, _ in calls] == [(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")]
+    assert [(i, s) for i, s, _ in calls] == [(0, "embed"), (0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")]
     assert all(shape == (2, 9, cfg.d_model) for *_, shape in calls)
     np.testing.assert_array_equal(np.asarray(base), np.asarray(hooked))
     assert resid.shape == (cfg.n_layers + 1, 2, 9, cfg.d_model)

@@ -4,6 +4,7 @@ Qwen2 / Gemma), DiT, LoRA, compressed N:M Dense."""
 from jaxlab.nn import decoder, lora, transformer
 from jaxlab.nn.decoder import Decoder, DecoderConfig
 from jaxlab.nn.dit import DiT, DiTBlock
+from jaxlab.nn.grasp_hooks import RESID_SITES, grasp_intercept, residual_projection_hook
 from jaxlab.nn.embeddings import TimeEmbedding, sinusoidal_embedding
 from jaxlab.nn.lora import LoRADense
 from jaxlab.nn.mlp import VelocityMLP
@@ -17,13 +18,16 @@ __all__ = [
     "DiTBlock",
     "LoRADense",
     "NMDense",
+    "RESID_SITES",
     "TimeEmbedding",
     "Transformer",
     "TransformerConfig",
     "VelocityMLP",
     "causal_lm_loss",
     "decoder",
+    "grasp_intercept",
     "lora",
+    "residual_projection_hook",
     "sinusoidal_embedding",
     "transformer",
 ]

@@ -355,9 +355,11 @@ class Decoder(nn.Module):
       positions: optional int ``(B, T)`` RoPE positions (default ``0..T-1``; packed rows restart per
         segment).
       segment_ids: optional int ``(B, T)``; attention stays within equal ids (packed sequences).
-      resid_hook: optional ``resid_hook(layer, site, h) -> h`` after each attention (``site="attn"``) and
+      resid_hook: optional ``resid_hook(layer, site, h) -> h`` at every residual write: after the (scaled)
+        embedding (``layer=0, site="embed"``, a Python int) and after each attention (``site="attn"``) and
         MLP (``"mlp"``) residual add; ``layer`` is a traced int32 scalar under ``scan_layers`` (use
-        ``jnp.where`` on it), a Python int otherwise.
+        ``jnp.where`` on it), a Python int otherwise. GRASP's residual mode:
+        :func:`jaxlab.nn.residual_projection_hook`.
       return_residuals: also return the residual stream after the embedding and each layer,
         ``(n_layers + 1, B, T, d_model)``.
 
@@ -417,6 +419,8 @@ class Decoder(nn.Module):
         h = embed(tokens)
         if cfg.embed_scale:
             h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
+        if resid_hook is not None:
+            h = resid_hook(0, "embed", h)
         h0 = h
         sliding = cfg.sliding_layers
         if cfg.scan_layers:

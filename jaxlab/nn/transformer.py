@@ -187,13 +187,16 @@ class Transformer(nn.Module):
 
     Args (call):
       tokens: int array ``(B, T)`` with ``T <= cfg.max_len`` and values in ``[0, vocab)``.
-      resid_hook: optional ``resid_hook(layer_index, site, h) -> h`` called after block
-        ``layer_index``'s attention write (``site="attn"``) and MLP write (``site="mlp"``) with the
+      resid_hook: optional ``resid_hook(layer_index, site, h) -> h`` called at every residual write: after
+        the token (+ position) embedding (``layer_index=0, site="embed"``), then after block
+        ``layer_index``'s attention write (``site="attn"``) and MLP write (``site="mlp"``), with the
         residual stream ``h`` (``(B, T, d_model)``); what it returns continues down the network
-        (ablation, steering, probes -- no model fork needed).
+        (ablation, steering, probes, GRASP's residual mode via
+        :func:`jaxlab.nn.residual_projection_hook` -- no model fork needed). Hooks that act at one place
+        test ``(layer_index, site)``.
       return_residuals: also return the residual stream after the embedding and after each block,
         stacked as ``(n_layers + 1, B, T, d_model)`` (index 0: embeddings; ``i + 1``: after block
-        ``i``, post-hook).
+        ``i``; all post-hook).
 
     Returns:
       ``logits`` ``(B, T, vocab)`` in float32, or ``(logits, residuals)``.
@@ -253,6 +256,8 @@ class Transformer(nn.Module):
                 name="pos_embed",
             )
             h = h + pos(jnp.arange(t))[None]
+        if resid_hook is not None:
+            h = resid_hook(0, "embed", h)
         residuals = [h]
         for i in range(cfg.n_layers):
             h = Block(cfg, i, name=f"block_{i}")(h, resid_hook)

@@ -29,6 +29,7 @@ __all__: list[str] = []
 from jaxlab.transforms._nm_common import NM_STATIC_ARGS, nm_static_args, prune, sparse_forward_params
 from jaxlab.transforms.asp import AspState, asp, asp_adamw
 from jaxlab.transforms.grasp import (
+    GRASP_MODES,
     GraspState,
     grasp,
     grasp_around,
@@ -38,6 +39,7 @@ from jaxlab.transforms.grasp import (
     project_residual,
     subspace_leakage,
 )
+from jaxlab.transforms.grasp_residual import project_cotangent, residual_basis
 from jaxlab.transforms.grasp_identify import SpuriousSubspace, identify_spurious_subspace, lora_svd
 from jaxlab.transforms.residual_sides import DEFAULT_SIDE_RULES, ResidualSides
 from jaxlab.transforms.sr_ste import (
@@ -61,6 +63,7 @@ from jaxlab.transforms.tree import find_states, map_leaves, named_leaves, path_f
 
 __all__ += [
     "DEFAULT_SIDE_RULES",
+    "GRASP_MODES",
     "GraspState",
     "ResidualSides",
     "SpuriousSubspace",
@@ -69,9 +72,11 @@ __all__ += [
     "grasp_init_params",
     "identify_spurious_subspace",
     "lora_svd",
+    "project_cotangent",
     "project_finetune",
     "project_lora",
     "project_residual",
+    "residual_basis",
     "subspace_leakage",
 ]
 

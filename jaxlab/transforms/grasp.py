@@ -39,7 +39,10 @@ from jaxlab.transforms.grasp_identify import SpuriousSubspace
 from jaxlab.transforms.residual_sides import LORA_LEAVES, LeafSide, as_residual_sides
 
 __all__ = [
+    "GRASP_MODES",
     "GraspState",
+    "check_grasp_beta",
+    "check_grasp_mode",
     "grasp",
     "grasp_around",
     "grasp_init_params",
@@ -48,6 +51,18 @@ __all__ = [
     "project_residual",
     "subspace_leakage",
 ]
+
+
+#: ``grasp(mode=...)``: project the optimizer updates (``"update"``), the gradient flowing back through the
+#: residual stream (``"residual"``, :mod:`jaxlab.transforms.grasp_residual`), or both.
+GRASP_MODES = ("update", "residual", "both")
+
+
+def check_grasp_mode(mode) -> str:
+    """Return ``mode`` if it is one of :data:`GRASP_MODES`, else raise naming the allowed values."""
+    if mode not in GRASP_MODES:
+        raise ValueError(f"GRASP: mode={mode!r}; expected one of {GRASP_MODES}")
+    return mode
 
 
 class GraspState(NamedTuple):
@@ -180,7 +195,7 @@ def project_residual(x: jax.Array, U: jax.Array, axis: int, beta: float = 1.0) -
     return (xf - beta * along).astype(x.dtype)
 
 
-def _check_beta(beta) -> float:
+def check_grasp_beta(beta) -> float:
     """``beta`` itself, after checking that a Python number lies in ``[0, 1]`` (traced values pass)."""
     if isinstance(beta, (int, float)) and not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"GRASP: beta={beta} must lie in [0, 1]")
@@ -264,7 +279,8 @@ def _map_projected(tree, basis: _Basis, sides, beta, *, only=None, strict: bool 
 
 
 def grasp(
-    subspace, sides=None, *, beta: float = 1.0, strict: bool | None = None, only: tuple[str, ...] | None = None
+    subspace, sides=None, *, beta: float = 1.0, strict: bool | None = None, only: tuple[str, ...] | None = None,
+    mode: str = "update",
 ) -> optax.GradientTransformationExtraArgs:
     """GRASP as an Optax transform: project updates off ``span(U)`` on each leaf's residual axis.
 
@@ -289,6 +305,13 @@ def grasp(
         e.g. LoRA on some modules); ``False``: never raise. Checked at ``init`` and on every ``update``.
       only: project only leaves with these names, e.g. ``("lora_a", "lora_b")`` when the base kernels are
         frozen (their updates are zero; skipping them saves the work).
+      mode: ``"update"`` (default: this transform projects the updates), ``"both"`` (the same transform;
+        the forward pass also carries the residual projection) or ``"residual"`` (this transform leaves the
+        updates unchanged and only validates and counts; the projection is entirely in the forward pass).
+        The residual half cannot live in an optimizer: it is a backward rule on the model's residual
+        stream, installed with :func:`jaxlab.nn.residual_projection_hook` (bundled Transformer/Decoder,
+        ``resid_hook=``) or :func:`jaxlab.nn.grasp_intercept` (any Flax Linen model), both built on
+        :func:`jaxlab.project_cotangent`.
 
     Returns:
       ``optax.GradientTransformationExtraArgs`` with state :class:`GraspState`.
@@ -324,25 +347,29 @@ def grasp(
     Reference: arXiv 2605.27676 (GRASP); specs/grasp.md sec. 3.
     """
     basis = _as_basis(subspace)
-    beta = _check_beta(beta)
+    beta = check_grasp_beta(beta)
     sides = as_residual_sides(sides)
+    project_updates = check_grasp_mode(mode) != "residual"
 
     def init_fn(params):
         # Validate the sides against the param shapes early (trace-time only, no compute kept).
-        jax.eval_shape(lambda p: _map_projected(p, basis, sides, beta, only=only, strict=strict, who="grasp"), params)
+        if project_updates:
+            jax.eval_shape(lambda p: _map_projected(p, basis, sides, beta, only=only, strict=strict, who="grasp"),
+                           params)
         return GraspState(count=jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        new = _map_projected(updates, basis, sides, beta, only=only, strict=strict, who="grasp")
-        return new, GraspState(count=optax.safe_increment(state.count))
+        if project_updates:
+            updates = _map_projected(updates, basis, sides, beta, only=only, strict=strict, who="grasp")
+        return updates, GraspState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def grasp_around(
     inner: optax.GradientTransformation, subspace, sides=None, *, beta: float = 1.0,
-    only: tuple[str, ...] | None = None, strict: bool | None = None,
+    only: tuple[str, ...] | None = None, strict: bool | None = None, mode: str = "update",
 ) -> optax.GradientTransformationExtraArgs:
     """``optax.chain(grasp(U), inner, grasp(U))``: project the gradient before the optimizer and the update after.
 
@@ -356,7 +383,8 @@ def grasp_around(
 
     Args:
       inner: the optimizer, e.g. ``optax.adamw(lr, weight_decay=wd)`` (or ``jaxlab.lora.freeze_base(...)``).
-      subspace, sides, beta, only, strict: as in :func:`grasp`.
+      subspace, sides, beta, only, strict, mode: as in :func:`grasp` (``mode="residual"``: ``inner`` alone,
+        the projection being in the forward pass).
 
     Returns:
       The chained transformation.
@@ -373,7 +401,7 @@ def grasp_around(
       >>> float(jnp.abs(adam_mu @ U).max()), float(jnp.abs(step["attn"]["o"]["kernel"] @ U).max())
       (0.0, 0.0)
     """
-    g = grasp(subspace, sides, beta=beta, only=only, strict=strict)
+    g = grasp(subspace, sides, beta=beta, only=only, strict=strict, mode=mode)
     return optax.chain(g, inner, g)
 
 
@@ -400,7 +428,7 @@ def project_lora(params, subspace, sides=None, *, beta: float = 1.0, strict: boo
       >>> q["lora_b"].tolist(), q["lora_a"].tolist(), q["kernel"].tolist()
       ([[0.0, 1.0, 1.0]], [[1.0], [1.0]], [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     """
-    return _map_projected(params, _as_basis(subspace), sides, _check_beta(beta), only=LORA_LEAVES,
+    return _map_projected(params, _as_basis(subspace), sides, check_grasp_beta(beta), only=LORA_LEAVES,
                           strict=strict, who="project_lora")
 
 
@@ -448,7 +476,7 @@ def project_finetune(params, base_params, subspace, sides=None, *, beta: float =
       [[5.0, 6.0, 6.0], [5.0, 6.0, 6.0]]
     """
     delta = jax.tree.map(lambda a, b: a - b, params, base_params)
-    pd = _map_projected(delta, _as_basis(subspace), sides, _check_beta(beta), strict=strict,
+    pd = _map_projected(delta, _as_basis(subspace), sides, check_grasp_beta(beta), strict=strict,
                         who="project_finetune")
     return jax.tree.map(lambda b, d: b + d, base_params, pd)
 
