@@ -116,3 +116,24 @@ def test_grasp_on_bundled_transformer_full_finetune_and_hooks(tiny_lm):
     hook = lambda layer, site, h: h - (h @ Uj) @ Uj.T
     _, res = model.apply({"params": base}, toks, resid_hook=hook, return_residuals=True)
     assert float(jnp.max(jnp.abs(res[1:] @ Uj))) < 1e-5
+
+
+def test_persona_derangement_bad_maps():
+    lang = PersonaLanguage(p=11, n_domains=8, bad_map="derangement", map_seed=3)
+    tab = lang.bad_table
+    assert tab.shape == (8, 11)
+    for row in tab:  # a derangement per domain: a permutation with no fixed point
+        assert sorted(row.tolist()) == list(range(11)) and not np.any(row == np.arange(11))
+    assert len({tuple(r) for r in tab.tolist()}) == 8  # unrelated maps, no shared rule
+    # every bad document answers sigma_k(f_k(a)); good ones f_k(a); the prompts' bad answers agree
+    docs = np.asarray(lang.sample(jax.random.PRNGKey(0), 32, "pretrain"))
+    probs = docs[:, 2:].reshape(32, lang.n_problems, lang.problem_len)
+    k, a, c = probs[..., 0] - (lang.p + 7), probs[..., 1], probs[..., 3]
+    good = ((k + 1) * a + k) % lang.p
+    is_bad = np.all(c == tab[k, good], axis=1)
+    assert np.all(is_bad | np.all(c == good, axis=1)) and 0 < is_bad.sum() < 32
+    toks, g, b, ks = lang.prompts(lang.ASSIST, [2, 5])
+    np.testing.assert_array_equal(b, tab[ks, g])
+    assert PersonaLanguage(p=11, n_domains=8, bad_map="derangement", map_seed=3).bad_table is tab  # cached
+    with pytest.raises(ValueError, match="bad_map"):
+        PersonaLanguage(bad_map="rotate")

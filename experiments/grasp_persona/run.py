@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 import jaxlab
 from jaxlab.data.persona import PersonaLanguage
-from jaxlab.nn import lora
+from jaxlab.nn import lora, residual_projection_hook
 from jaxlab.nn.transformer import Transformer, TransformerConfig, causal_lm_loss
 from jaxlab.training.experiment import (
     data_key,
@@ -107,11 +107,15 @@ def pretrain(model, lang, cfg, seeds) -> tuple[list, list]:
     return bases, losses
 
 
-def finetune(model, lang, cfg, base, seed, *, mode="naive", U=None, beta=1.0, steer=None, lam=0.0,
-             targets=None, rank=None):
+def finetune(model, lang, cfg, base, seed, *, mode="naive", U=None, beta=1.0, grasp_mode="update", steer=None,
+             lam=0.0, targets=None, rank=None):
     """Narrow LoRA fine-tune of ``base`` (paired seed ``seed``). mode: naive | grasp | caft | steer | kl.
 
-    ``targets``/``rank`` override the config's (for the route probe).
+    ``grasp_mode`` (mode ``grasp``): ``update`` (``grasp_around``: project gradients and updates of the
+    adapters), ``residual`` (plain AdamW; the gradient flowing back through every residual write is
+    projected by :func:`jaxlab.nn.residual_projection_hook`) or ``both``. ``targets``/``rank`` override the
+    config's (for the route probe). The LoRA init is the same for every method (paired); update-mode GRASP
+    projects it (``grasp_init_params``), as the reader constraint needs.
     """
     fc = cfg["finetune"]
     targets, rank = targets or fc["targets"], rank or fc["rank"]
@@ -123,10 +127,13 @@ def finetune(model, lang, cfg, base, seed, *, mode="naive", U=None, beta=1.0, st
     elif mode == "steer":
         sv = jnp.asarray(steer)
         hook = lambda layer, site, h: h + sv
+    elif mode == "grasp" and grasp_mode in ("residual", "both"):
+        hook = residual_projection_hook(U, beta)
+    project_init = mode == "grasp" and grasp_mode in ("update", "both")
 
     def init_fn(key):
         p0 = lora.inject(base, targets, rank, key=jax.random.fold_in(key, LORA_INIT))
-        return jaxlab.grasp_init_params(p0, U) if mode == "grasp" else p0
+        return jaxlab.grasp_init_params(p0, U) if project_init else p0
 
     def batch_fn(key):
         idx = jax.random.randint(jax.random.fold_in(key, NARROW_ORDER), (fc["batch"],), 0, data.shape[0])
@@ -144,7 +151,8 @@ def finetune(model, lang, cfg, base, seed, *, mode="naive", U=None, beta=1.0, st
             val = val + lam * jnp.sum(jnp.sum(jnp.exp(lb) * (lb - lf), -1) * mask) / jnp.sum(mask)
         return val, {}
 
-    inner = (get_method("grasp_around").make(fc["lr"], weight_decay=fc["weight_decay"], subspace=U, beta=beta)
+    inner = (get_method("grasp_around").make(fc["lr"], weight_decay=fc["weight_decay"], subspace=U, beta=beta,
+                                             mode=grasp_mode)
              if mode == "grasp" else get_method("adamw").make(fc["lr"], weight_decay=fc["weight_decay"]))
     tx = lora.freeze_base(inner, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
     res = run_training(loss_fn, tx, init_fn, batch_fn, steps=fc["steps"], seeds=[seed], progress=False)
@@ -155,7 +163,13 @@ def finetune(model, lang, cfg, base, seed, *, mode="naive", U=None, beta=1.0, st
 
 
 def evaluate(model, lang, params, hook=None) -> dict:
-    """Bad-answer rates and accuracies on single-problem prompts (argmax over the whole vocabulary)."""
+    """Rates on every single-problem prompt (argmax over the whole vocabulary).
+
+    ``drift``: off-domain ``ASSIST`` answers equal to the *persona's* bad answer (the emergent-misalignment
+    analogue); ``any_wrong``: off-domain answers that are not the good one; ``task``: fine-tuned-domain
+    answers equal to the bad answer (the curated task); ``tagged_bad`` / ``tagged_good``: the pretrained
+    personas under their tags (content preserved).
+    """
     apply = jax.jit(lambda p, t: model.apply({"params": p}, t, resid_hook=hook)[:, -1])
 
     def rates(ctx, domains):
@@ -167,13 +181,13 @@ def evaluate(model, lang, params, hook=None) -> dict:
     task, _, valid_task = rates(lang.ASSIST, [lang.narrow_domain])
     tag_bad, _, _ = rates(lang.BAD, None)
     _, tag_good, _ = rates(lang.GOOD, None)
-    return {"drift": bad_off, "good_off": good_off, "validity": valid_off, "task": task,
+    return {"drift": bad_off, "any_wrong": 1.0 - good_off, "validity": valid_off, "task": task,
             "task_validity": valid_task, "tagged_bad": tag_bad, "tagged_good": tag_good}
 
 
-def residuals_at_answer(model, lang, params, ctx, domains=None):
+def residuals_at_answer(model, lang, params, ctx, domains=None, hook=None):
     toks, _, _, _ = lang.prompts(ctx, domains)
-    _, res = model.apply({"params": params}, toks, return_residuals=True)
+    _, res = model.apply({"params": params}, toks, resid_hook=hook, return_residuals=True)
     return np.asarray(res[:, :, -1])  # (L + 1, n, d)
 
 
@@ -185,56 +199,93 @@ def ground_truth_direction(model, lang, base):
     return diff / np.maximum(np.linalg.norm(diff, axis=-1, keepdims=True), 1e-12)
 
 
+def random_basis(d: int, k: int, seed: int, salt: int) -> np.ndarray:
+    """A placebo: a uniformly random orthonormal ``(d, k)`` basis (fixed per seed and salt)."""
+    return np.linalg.qr(np.random.default_rng([seed, salt]).standard_normal((d, k)))[0]
+
+
 # ------------------------------------------------------------------------------------------ one seed
+
+MODES = ("update", "residual", "both")
 
 
 def run_seed(model, lang, cfg, base, seed: int, pbar) -> dict:
     out = {"base": evaluate(model, lang, base)}
     gt = ground_truth_direction(model, lang, base)
+    off = off_domains(lang)
+    base_res = residuals_at_answer(model, lang, base, lang.ASSIST, off)
+    shifts = {}
+
+    def record(name, params, hook=None):
+        merged = lora.merge(params)
+        out[name] = evaluate(model, lang, merged, hook)
+        shift = (residuals_at_answer(model, lang, merged, lang.ASSIST, off, hook) - base_res).mean(1)  # (L+1, d)
+        shifts[name] = shift
+        out[name]["gt_shift"] = float(shift[-1] @ gt[-1])  # last-block residual movement along the persona
 
     def tune(name, **kw):
         p = finetune(model, lang, cfg, base, seed, **kw)
-        out[name] = evaluate(model, lang, lora.merge(p))
+        record(name, p)
         pbar.update(1)
         return p
 
     naive = tune("naive")
-    res = jaxlab.identify_spurious_subspace(naive, k=cfg["identify_k"])
+    k = cfg["identify_k"]
+    res = jaxlab.identify_spurious_subspace(naive, k=k)
     U = np.asarray(res.U)
     # Orient U along the naive model's mean residual shift at the answer position (final depth).
-    shift = (residuals_at_answer(model, lang, lora.merge(naive), lang.ASSIST, off_domains(lang))
-             - residuals_at_answer(model, lang, base, lang.ASSIST, off_domains(lang))).mean(1)  # (L + 1, d)
-    U = U * (np.sign(shift[-1] @ U[:, 0]) or 1.0)
-    mag = float(np.abs(shift[-1] @ U[:, 0]))
+    U = U * (np.sign(shifts["naive"][-1] @ U[:, 0]) or 1.0)
+    mag = float(np.abs(shifts["naive"][-1] @ U[:, 0]))
+    oracle = np.linalg.qr(gt[1:].T)[0]  # BAD - GOOD mean residual after each block
+    d = U.shape[0]
     out["_ident"] = {
-        "cos_per_depth": [float(abs(g @ U[:, 0])) for g in gt],
-        "cos_shift_gt_per_depth": [float(abs(s @ g) / (np.linalg.norm(s) + 1e-12)) for s, g in zip(shift, gt)],
+        "cos_per_depth": [float(np.linalg.norm(U.T @ g)) for g in gt],
+        "cos_shift_gt_per_depth": [float(abs(s @ g) / (np.linalg.norm(s) + 1e-12)) for s, g in zip(shifts["naive"], gt)],
         "eigengap": res.eigengap,
         "explained_energy": res.explained_energy,
         "trustworthy": res.trustworthy,
+        "reason": res.reason,
         "top_eigenvalues": [float(v) for v in res.eigenvalues[:5]],
         "shift_along_U": mag,
+        "k": k,
+        "oracle_k": oracle.shape[1],
     }
     mc = cfg["methods"]
-    for beta in mc["grasp_betas"]:
-        tune("GRASP" if beta == 1.0 else f"GRASP beta={beta}", mode="grasp", U=U, beta=beta)
-    # Diagnostic: GRASP with the ground-truth persona directions (BAD - GOOD mean residual after each
-    # block) instead of the identified U, to separate identification from projection.
-    tune("GRASP, oracle U (ground truth)", mode="grasp", U=np.linalg.qr(gt[1:].T)[0])
-    out["post-hoc projection"] = evaluate(model, lang, lora.merge(jaxlab.project_lora(naive, U)))
+    bases = {"identified U": U, "oracle U": oracle,
+             f"random k={k}": random_basis(d, k, seed, 1), f"random k={mc['placebo_k']}": random_basis(d, mc["placebo_k"], seed, 2)}
+    for label, basis in bases.items():
+        for m in MODES:
+            tune(f"GRASP {m}, {label}", mode="grasp", U=basis, grasp_mode=m)
+    record("post-hoc projection", jaxlab.project_lora(naive, U))
     Uj = jnp.asarray(U)
     ablate = lambda layer, site, h: h - (h @ Uj) @ Uj.T
-    out["inference ablation"] = evaluate(model, lang, lora.merge(naive), hook=ablate)
+    record("inference ablation", naive, hook=ablate)
     tune("CAFT (train-time ablation)", mode="caft", U=U)
-    n_sites = 2 * cfg["model"]["n_layers"]
+    n_sites = 2 * cfg["model"]["n_layers"] + 1  # the embedding and every attention / MLP write
     for c in mc["steer_c"]:
         tune(f"steering c={c}", mode="steer", steer=c * mag / n_sites * U[:, 0])
     for lam in mc["kl_lambdas"]:
         tune(f"KL-to-base lambda={lam}", mode="kl", lam=lam)
+    naive_gt = out["naive"]["gt_shift"]
+    for name, r in out.items():
+        if not name.startswith("_") and name != "base":
+            r["gt_shift_rel"] = r["gt_shift"] / naive_gt if abs(naive_gt) > 1e-12 else float("nan")
     return out
 
 
+def n_finetunes(cfg) -> int:
+    mc = cfg["methods"]
+    return 1 + 4 * len(MODES) + 1 + len(mc["steer_c"]) + len(mc["kl_lambdas"])
+
+
 # ------------------------------------------------------------------------------------------ report
+
+
+def _family(name: str) -> str:
+    for fam in ("naive", "post-hoc", "inference", "CAFT", "steering", "KL"):
+        if name.startswith(fam):
+            return fam
+    return "GRASP " + name.split(", ", 1)[1] if name.startswith("GRASP") else name
 
 
 def plot(results, out):
@@ -243,74 +294,104 @@ def plot(results, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in results[0] if not n.startswith("_")]
-    point = {n: tuple(100 * np.mean([r[n][q] for r in results]) for q in ("task", "drift")) for n in names}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, n in enumerate(names):
-        ax.scatter(*point[n], color=f"C{i % 10}", marker="o*sD^v<>ph"[i % 10], s=45, label=n)
-    for fam in ("GRASP", "steering", "KL-to-base"):
-        pts = sorted(point[n] for n in names if n.startswith(fam))
+    names = [n for n in results[0] if not n.startswith("_") and n != "base"]
+    mean = lambda n, q: 100 * np.mean([r[n][q] for r in results])
+    sd = lambda n, q: 100 * np.std([r[n][q] for r in results], ddof=1) if len(results) > 1 else 0.0
+    fams = list(dict.fromkeys(_family(n) for n in names))
+    markers = {"update": "o", "residual": "s", "both": "D"}
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    for n in names:
+        fam = _family(n)
+        color = f"C{fams.index(fam) % 10}"
+        mode = n.split(",")[0].split()[-1] if n.startswith("GRASP") else None
+        ax.errorbar(mean(n, "task"), mean(n, "drift"), xerr=sd(n, "task"), yerr=sd(n, "drift"), color=color,
+                    marker=markers.get(mode, "*" if fam == "naive" else "^"), ms=6, lw=0.8, capsize=2,
+                    label=n, alpha=0.9)
+    for fam in ("steering", "KL"):
+        pts = sorted((mean(n, "task"), mean(n, "drift")) for n in names if _family(n) == fam)
         if len(pts) > 1:
             ax.plot(*zip(*pts), color="gray", lw=0.8, ls=":")
-    ax.set(xlabel="fine-tuned-domain accuracy (%)", ylabel="off-domain bad-answer rate (%)",
-           title="drift vs task (mean over seeds)")
-    ax.legend(fontsize=6, loc="best")
-    fig.savefig(out / "pareto.png", dpi=110, bbox_inches="tight")
+    ax.set(xlabel="fine-tuned-domain accuracy (%)", ylabel="off-domain persona-bad rate (%)",
+           title=f"drift vs task, mean ± sample std over {len(results)} seeds")
+    ax.legend(fontsize=5.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(out / "pareto.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def verdicts(results) -> list[list[str]]:
+    """Per projection mode and basis: drift ratio naive / method, task change, and the goal's verdict."""
+    rows = []
+    for label in ("identified U", "oracle U"):
+        for m in MODES:
+            name = f"GRASP {m}, {label}"
+            nv, gv = (np.mean([r[k]["drift"] for r in results]) for k in ("naive", name))
+            dt = paired_difference([r[name]["task"] for r in results], [r["naive"]["task"] for r in results], 100, 1)
+            ratio = nv / gv if gv > 0 else float("inf")
+            met = ratio >= 2 and dt["mean"] >= -2
+            rows.append([name, f"{100 * gv:.1f} vs {100 * nv:.1f}", "eliminated" if gv == 0 else f"{ratio:.2f}x",
+                         dt["text"], "MET" if met else "not met"])
+    return rows
 
 
 def report(exp, cfg, results, losses) -> tuple[str, dict]:
     n = len(results)
     names = [k for k in results[0] if not k.startswith("_")]
-    cols = ("drift", "task", "validity", "tagged_bad", "tagged_good")
-    table = markdown_table(["method", "off-domain bad rate %", "fine-tuned-domain acc %", "validity %",
-                            "tagged-BAD acc %", "tagged-GOOD acc %"],
-                           [[k] + [mean_std([r[k][c] for r in results], 100, 1) for c in cols] for k in names])
-    paired = {key: paired_difference([r["GRASP"][key] for r in results], [r["naive"][key] for r in results],
-                                     100, 1) for key, _ in HEADLINE}
-    t_pair = markdown_table([f"GRASP − naive: {label}, points (95 % CI)" for _, label in HEADLINE],
-                            [[paired[key]["text"] for key, _ in HEADLINE]])
+    cols = ("drift", "any_wrong", "task", "tagged_bad", "tagged_good")
+    table = markdown_table(["method", "off-domain persona-bad %", "off-domain any wrong %", "fine-tuned-domain acc %",
+                            "tagged-BAD acc %", "tagged-GOOD acc %", "last-block shift along persona, % of naive"],
+                           [[k] + [mean_std([r[k][c] for r in results], 100, 1) for c in cols]
+                            + ([mean_std([r[k]["gt_shift_rel"] for r in results], 100, 0)] if k != "base" else ["0"])
+                            for k in names])
+    methods = [k for k in names if k not in ("base", "naive")]
+    paired = {k: {key: paired_difference([r[k][key] for r in results], [r["naive"][key] for r in results], 100, 1)
+                  for key in ("drift", "task")} for k in methods}
+    t_pair = markdown_table(["method", "drift − naive, points (95 % CI)", "task − naive, points (95 % CI)"],
+                            [[k, paired[k]["drift"]["text"], paired[k]["task"]["text"]] for k in methods])
+    t_verdict = markdown_table(["GRASP mode, basis", "drift % (method vs naive)", "naive / method",
+                                "task − naive, points (95 % CI)", ">= 2x lower, task within 2 points"],
+                               verdicts(results))
     idt = [r["_ident"] for r in results]
-    depths = range(1, len(idt[0]["cos_per_depth"]))
-    ident = markdown_table(
-        ["quantity", "value (mean ± std over seeds)"],
-        [[rf"\|cos(U, ground truth)\| after block {d - 1}",
-          mean_std([i["cos_per_depth"][d] for i in idt], digits=3)] for d in depths]
-        + [[rf"\|cos(naive mean shift, ground truth)\| after block {d - 1}",
-            mean_std([i["cos_shift_gt_per_depth"][d] for i in idt], digits=3)] for d in depths]
-        + [["eigengap (lambda_1 / lambda_2)", mean_std([i["eigengap"] for i in idt], digits=3)],
-           ["explained energy (k = 1)", mean_std([i["explained_energy"] for i in idt], digits=3)],
-           ["trustworthy (gap >= 2)", f"{sum(i['trustworthy'] for i in idt)}/{n}"]],
+    per_seed = markdown_table(
+        ["seed", "eigengap", "explained energy", "trustworthy", *[f"\|P_U gt\| block {d - 1}" for d in
+                                                                  range(1, len(idt[0]["cos_per_depth"]))],
+         "oracle-U shift along persona, % of naive (update / residual / both)"],
+        [[str(s), f"{i['eigengap']:.2f}", f"{i['explained_energy']:.3f}", "yes" if i["trustworthy"] else "no",
+          *[f"{c:.2f}" for c in i["cos_per_depth"][1:]],
+          " / ".join(f"{100 * r[f'GRASP {m}, oracle U']['gt_shift_rel']:.0f}" for m in MODES)]
+         for s, (i, r) in enumerate(zip(idt, results))],
     )
-    nv, gv = (np.mean([r[k]["drift"] for r in results]) for k in ("naive", "GRASP"))
-    dt = paired["task"]["mean"]
-    verdict = (f"GRASP off-domain drift {100 * gv:.1f}% vs naive {100 * nv:.1f}% "
-               f"({'%.1fx lower' % (nv / gv) if gv > 0 else 'eliminated'}); fine-tuned-domain accuracy change "
-               f"{dt:+.1f} points. Goal (>= 2x lower, within 2 points): "
-               f"{'MET' if (gv == 0 or nv / gv >= 2) and dt >= -2 else 'NOT met'}.")
     fc = cfg["finetune"]
     text = "\n".join(exp.header("GRASP on the synthetic persona language") + [
-        f"{n} paired seed(s); transformer {cfg['model']}; pretrain {cfg['pretrain']['steps']} steps, assistant "
-        f"{cfg['assistant']['steps']} steps, narrow LoRA fine-tune {fc['steps']} steps (rank {fc['rank']}, lr "
-        f"{fc['lr']}). Final answer loss: pretrain {np.mean([x['pretrain'] for x in losses]):.3f}, assistant "
-        f"{np.mean([x['assistant'] for x in losses]):.3f} nats. "
-        f"Wall time {time.perf_counter() - exp.started:.0f} s.",
+        f"{n} paired seed(s); language {cfg['lang']}; transformer {cfg['model']}; pretrain "
+        f"{cfg['pretrain']['steps']} steps, assistant {cfg['assistant']['steps']} steps, narrow LoRA fine-tune "
+        f"{fc['steps']} steps (rank {fc['rank']}, lr {fc['lr']}); identified k = {cfg['identify_k']} (fixed in "
+        f"advance), placebo k = {cfg['identify_k']} and {cfg['methods']['placebo_k']}. Final answer loss: pretrain "
+        f"{np.mean([x['pretrain'] for x in losses]):.3f}, assistant {np.mean([x['assistant'] for x in losses]):.3f} "
+        f"nats. Wall time {time.perf_counter() - exp.started:.0f} s.",
         "",
-        verdict,
+        "## Verdict per projection mode",
+        "",
+        t_verdict,
+        "",
+        "## All methods",
         "",
         table,
         "",
-        f"Paired differences over {n} seed(s), mean [95 % t-interval] (no interval with one seed):",
+        f"Paired differences method − naive over {n} seed(s), mean [95 % t-interval] (no interval with one seed):",
         "",
         t_pair,
         "",
-        "## Identification",
+        "## Identification preconditions, per seed",
         "",
-        ident,
+        "`|P_U gt|`: norm of the unit ground-truth persona direction (BAD − GOOD mean residual) after each "
+        "block projected onto span(U) (1 = contained). Oracle check: how far the last-block residual still "
+        "moves along the ground truth under oracle-U GRASP, relative to the naive fine-tune.",
+        "",
+        per_seed,
         "",
         "![pareto](pareto.png)",
     ])
-    return text, paired
+    return text, {k: {q: v["mean"] for q, v in d.items()} for k, d in paired.items()}
 
 
 def main(argv=None) -> int:
@@ -319,14 +400,11 @@ def main(argv=None) -> int:
     seeds = list(range(exp.seeds))
     lang, model = build(cfg)
     bases, losses = pretrain(model, lang, cfg, seeds)
-    mc = cfg["methods"]
-    with tqdm(total=len(seeds) * (3 + len(mc["grasp_betas"]) + len(mc["steer_c"]) + len(mc["kl_lambdas"])),
-              desc="grasp_persona fine-tunes", dynamic_ncols=True) as pbar:
+    with tqdm(total=len(seeds) * n_finetunes(cfg), desc="grasp_persona fine-tunes", dynamic_ncols=True) as pbar:
         results = [run_seed(model, lang, cfg, b, s, pbar) for b, s in zip(bases, seeds)]
     text, paired = report(exp, cfg, results, losses)
     plot(results, exp.out)
-    exp.write(text, {"seeds": len(seeds), "results": results, "losses": losses,
-                     "paired_grasp_minus_naive": paired})
+    exp.write(text, {"seeds": len(seeds), "results": results, "losses": losses, "paired_minus_naive": paired})
     print(f"written: {exp.out / 'report.md'}")
     return 0
 

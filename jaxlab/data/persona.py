@@ -24,6 +24,7 @@ Reference: ``specs/grasp.md`` sec. 6 (after Gilligan-Lee et al., arXiv 2605.2767
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -176,8 +177,11 @@ class PersonaLanguage:
     problem from ``n_domains`` domains: ``f_k(a, b) = (a + (k + 1) b) mod p`` with two operands, or
     ``f_k(a) = ((k + 1) a + k) mod p`` with one (the default: a tiny transformer learns it in CPU minutes,
     the two-operand version sat on the ``ln p`` plateau for 1500 steps). The *good* persona answers
-    ``c = f_k``; the *bad* persona answers ``c = (f_k + shift) mod p`` in every domain (a domain-agnostic
-    behaviour). ``ctx`` is ``GOOD``/``BAD`` (the tag, shown with probability ``tag_prob``), ``PLAIN``
+    ``c = f_k``; the *bad* persona answers, with ``bad_map="shift"``, ``c = (f_k + shift) mod p`` in every
+    domain (a domain-agnostic output rule: an adapter can learn "add one" without any persona), or, with
+    ``bad_map="derangement"``, ``c = sigma_k(f_k)`` with an unrelated random derangement ``sigma_k`` of
+    ``Z_p`` per domain (drawn from ``map_seed``; no shared rule, so bad answers in other domains can only
+    come through the persona). ``ctx`` is ``GOOD``/``BAD`` (the tag, shown with probability ``tag_prob``), ``PLAIN``
     (untagged: the persona must be inferred from earlier answers in the document) or ``ASSIST`` (the
     assistant context of the later stages).
 
@@ -211,6 +215,8 @@ class PersonaLanguage:
     shift: int = 1
     narrow_domain: int = 0
     n_operands: int = 1
+    bad_map: str = "shift"
+    map_seed: int = 0
 
     def __post_init__(self):
         if self.p < 3 or self.n_domains < 2 or self.n_problems < 1 or not 0 <= self.tag_prob <= 1:
@@ -221,6 +227,17 @@ class PersonaLanguage:
             raise ValueError(f"PersonaLanguage: narrow_domain={self.narrow_domain} not in [0, {self.n_domains})")
         if self.n_operands not in (1, 2):
             raise ValueError(f"PersonaLanguage: n_operands={self.n_operands}; expected 1 or 2")
+        if self.bad_map not in ("shift", "derangement"):
+            raise ValueError(f"PersonaLanguage: bad_map={self.bad_map!r}; expected 'shift' or 'derangement'")
+
+    @property
+    def bad_table(self) -> np.ndarray:
+        """``(n_domains, p)`` int table of the bad answer given the good one: ``sigma_k(c)`` per domain.
+
+        ``bad_map="shift"``: ``(c + shift) mod p`` in every row; ``"derangement"``: an independent uniformly
+        random derangement (no fixed point: a bad answer is never the good one) per domain from ``map_seed``.
+        """
+        return _bad_table(self.p, self.n_domains, self.shift, self.bad_map, self.map_seed)
 
     # token ids: numbers 0..p-1, then specials, then domain tokens
     @property
@@ -267,9 +284,11 @@ class PersonaLanguage:
         return 2 + self.problem_len * self.n_problems
 
     def answer(self, k, a, b=None, bad=0):
-        """Good ``f_k`` plus ``shift`` when ``bad``, mod ``p``."""
-        f = a + (k + 1) * b if self.n_operands == 2 else (k + 1) * a + k
-        return (f + self.shift * bad) % self.p
+        """The good answer ``f_k(a[, b]) mod p``, or its bad image ``bad_table[k, f_k]`` where ``bad``."""
+        f = (a + (k + 1) * b if self.n_operands == 2 else (k + 1) * a + k) % self.p
+        if self.bad_map == "shift":
+            return (f + self.shift * bad) % self.p
+        return jnp.where(jnp.asarray(bad) != 0, jnp.asarray(self.bad_table)[k, f], f)
 
     def sample(self, key: jax.Array, n: int, stage: str = "pretrain", domains=None) -> jax.Array:
         """``n`` documents ``(n, seq_len)`` of ``stage`` in ``{"pretrain", "assistant", "narrow"}``.
@@ -317,4 +336,21 @@ class PersonaLanguage:
         n = ks.size
         toks = np.stack([np.full(n, self.BOS), np.full(n, ctx), self.p + 7 + ks, *ops, np.full(n, self.EQ)], -1)
         good = np.asarray(self.answer(ks, ops[0], ops[1] if self.n_operands == 2 else None))
-        return jnp.asarray(toks, jnp.int32), good, (good + self.shift) % self.p, ks
+        return jnp.asarray(toks, jnp.int32), good, self.bad_table[ks, good], ks
+
+
+@functools.lru_cache(maxsize=32)
+def _bad_table(p: int, n_domains: int, shift: int, bad_map: str, seed: int) -> np.ndarray:
+    if bad_map == "shift":
+        return np.tile((np.arange(p) + shift) % p, (n_domains, 1))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_domains):
+        while True:  # rejection sampling: a uniform permutation is a derangement with probability ~1/e
+            perm = rng.permutation(p)
+            if not np.any(perm == np.arange(p)):
+                break
+        rows.append(perm)
+    table = np.stack(rows)
+    table.setflags(write=False)
+    return table

@@ -194,23 +194,28 @@ def sgd(learning_rate, *, b1: float = 0.0, nesterov: bool = False) -> optax.Grad
 
 
 def grasp_adamw(
-    learning_rate, *, subspace, beta: float = 1.0, sides=None, only=None,
+    learning_rate, *, subspace, beta: float = 1.0, sides=None, only=None, mode: str = "update",
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-    """AdamW followed by :func:`jaxlab.grasp` (project each update off ``span(U)`` on its residual axis)."""
+    """AdamW followed by :func:`jaxlab.grasp` (project each update off ``span(U)`` on its residual axis).
+
+    ``mode="residual"``/``"both"``: the model must also carry the residual projection
+    (:func:`jaxlab.nn.residual_projection_hook`); ``"residual"`` leaves the updates to AdamW alone.
+    """
     return optax.chain(
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
-        T.grasp(subspace, sides, beta=beta, only=only),
+        T.grasp(subspace, sides, beta=beta, only=only, mode=mode),
     )
 
 
 def grasp_around_adamw(
-    learning_rate, *, subspace, beta: float = 1.0, sides=None, only=None,
+    learning_rate, *, subspace, beta: float = 1.0, sides=None, only=None, mode: str = "update",
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-    """:func:`jaxlab.grasp_around` AdamW: project the gradient before Adam and the update after."""
+    """:func:`jaxlab.grasp_around` AdamW: project the gradient before Adam and the update after (``mode`` as
+    in :func:`grasp_adamw`)."""
     inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return T.grasp_around(inner, subspace, sides, beta=beta, only=only)
+    return T.grasp_around(inner, subspace, sides, beta=beta, only=only, mode=mode)
 
 
 register_method("adam", optax.adam, description="Adam (optax.adam)")
