@@ -14,6 +14,13 @@ grad-norm/finiteness metrics, the same overhead for every variant):
 (JVP on every row, the worst case). Targets (issue 3): <= 1.6x for fixed coefficients, <= 2.0x for auto,
 at the default fraction.
 
+Fused attention rows (``attention=pallas``): original MeanFlow (lam=1.0) at both fractions on the same DiT
+with ``DiT(attention="pallas")`` (:func:`jaxlab.kernels.flash_attention`: Pallas flash forward + fused
+primal-and-tangent kernel under ``jax.jvp``, jnp-recomputed backward), same params, timed in the same
+round-robin; ``ratio_vs_jnp_attention`` divides by the ``attention=jnp`` row of the same config. They run
+on GPU/TPU; on CPU only with ``--pallas-interpret`` (interpret-mode timings are meaningless there: use it
+to check the rows work). The model output with the kernel is checked against the jnp model first.
+
 Timing: ``--inner`` steps per timed call inside one jitted ``lax.fori_loop`` (Python dispatch amortised);
 all variants are compiled and warmed up first, then timed round-robin ``--reps`` times (so load from
 other processes hits every variant alike). Ratios use the minimum per variant (the least-disturbed
@@ -23,6 +30,7 @@ Usage::
 
     python benchmarks/meanflow_step.py            # DiT-S-like size on the default device
     python benchmarks/meanflow_step.py --quick    # small DiT on CPU (a minute)
+    python benchmarks/meanflow_step.py --quick --pallas-interpret   # + the fused-attention rows (CPU check)
 
 Writes ``benchmarks/meanflow_step.json`` (``meanflow_step_quick.json`` with ``--quick``) next to this
 file and prints a table.
@@ -76,6 +84,8 @@ def main(argv=None) -> dict:
     p.add_argument("--inner", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--pallas-interpret", action="store_true",
+                   help="also run the attention=pallas rows on CPU (interpret mode; timings meaningless)")
     args = p.parse_args(argv)
     if args.quick:
         size = dict(patch=2, hidden=64, depth=3, heads=4, time_dim=32)
@@ -93,6 +103,28 @@ def main(argv=None) -> dict:
             variants.append((f"meanflow lam={lam} fraction={frac}",
                              MeanFlowConfig(jvp_cond_weight=lam, flow_matching_fraction=frac), (lam, frac)))
     fns = [compile_variant(model, params, x, cfg, inner) for _, cfg, _ in variants]
+    # Fused-attention rows: the same MeanFlow steps with DiT(attention="pallas"), divided by the jnp rows.
+    pallas_rows = {}  # variant index -> index of its attention=jnp baseline
+    pallas_note = None
+    if jax.default_backend() != "cpu" or args.pallas_interpret:
+        model_p = DiT(time_scale=1.0, attention="pallas", **size)
+        try:
+            z, r, t = x[:4], jnp.full((4,), 0.2), jnp.full((4,), 0.9)
+            err = float(jnp.max(jnp.abs(jax.jit(model_p.apply)(params, z, r, t) - jax.jit(model.apply)(params, z, r, t))))
+            if not err <= 1e-2:
+                raise RuntimeError(f"attention=pallas output differs from attention=jnp by {err}")
+            for frac in (0.75, 0.0):
+                cfg = MeanFlowConfig(jvp_cond_weight=1.0, flow_matching_fraction=frac)
+                base = next(i for i, v in enumerate(variants) if v[2] == (1.0, frac))
+                fns.append(compile_variant(model_p, params, x, cfg, inner))
+                pallas_rows[len(variants)] = base
+                variants.append((f"meanflow lam=1.0 fraction={frac} attention=pallas", cfg, None))
+            pallas_note = "interpret mode: timings meaningless" if jax.default_backend() == "cpu" else None
+        except Exception as e:  # keep the rest of the benchmark; record why the kernel rows are missing
+            fns, variants = fns[: len(fns) - len(pallas_rows)], variants[: len(variants) - len(pallas_rows)]
+            pallas_rows, pallas_note = {}, f"attention=pallas rows failed: {type(e).__name__}: {e}"[:500]
+    else:
+        pallas_note = "attention=pallas rows skipped on CPU (pass --pallas-interpret to run them in interpret mode)"
     # Round-robin over variants so that load from other processes hits all of them alike.
     times = [[] for _ in variants]
     for _ in range(reps):
@@ -108,6 +140,8 @@ def main(argv=None) -> dict:
         rows.append({"variant": name, "ms_per_step_min": 1e3 * min(ts), "ms_per_step_median": 1e3 * statistics.median(ts),
                      "ratio_vs_flow_matching": ratio, "ratio_of_medians": statistics.median(ts) / base_med,
                      "target": target, "meets_target": None if target is None else ratio <= target})
+        if len(rows) - 1 in pallas_rows:
+            rows[-1]["ratio_vs_jnp_attention"] = min(ts) / min(times[pallas_rows[len(rows) - 1]])
     result = {
         "device": str(jax.devices()[0]),
         "backend": jax.default_backend(),
@@ -115,8 +149,10 @@ def main(argv=None) -> dict:
         "model": {"DiT": size, "batch": batch, "image": [side, side, ch]},
         "inner": inner,
         "reps": reps,
-        "command": "python benchmarks/meanflow_step.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/meanflow_step.py" + (" --quick" if args.quick else "")
+        + (" --pallas-interpret" if args.pallas_interpret else ""),
         "rows": rows,
+        "pallas_attention_note": pallas_note,
     }
     here = pathlib.Path(__file__).resolve().parent
     out = pathlib.Path(args.out) if args.out else here / ("meanflow_step_quick.json" if args.quick else "meanflow_step.json")
@@ -127,6 +163,11 @@ def main(argv=None) -> dict:
         tgt = "" if r["target"] is None else f"<={r['target']:.1f}" + (" ok" if r["meets_target"] else " MISS")
         print(f"{r['variant']:40s} {r['ms_per_step_min']:12.2f} {r['ms_per_step_median']:8.2f} "
               f"{r['ratio_vs_flow_matching']:11.2f} {r['ratio_of_medians']:11.2f} {tgt:>10s}")
+    for r in rows:
+        if "ratio_vs_jnp_attention" in r:
+            print(f"{r['variant']}: {r['ratio_vs_jnp_attention']:.2f}x the attention=jnp step (min)")
+    if pallas_note:
+        print(pallas_note)
     print(f"written: {out}")
     return result
 

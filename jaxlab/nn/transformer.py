@@ -54,6 +54,8 @@ class TransformerConfig:
       param_dtype: parameter dtype.
       init_std: std of the normal init of embeddings and projections (``down``/``o`` are scaled by
         ``1/sqrt(2 n_layers)``, GPT-2 style).
+      attention: ``"jnp"`` (plain einsum/softmax) or ``"pallas"`` (:func:`jaxlab.kernels.flash_attention`,
+        causal, with a fused JVP; interpret mode on CPU).
     """
 
     vocab: int = 256
@@ -68,6 +70,7 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     init_std: float = 0.02
+    attention: str = "jnp"
 
     def __post_init__(self):
         for f in ("vocab", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
@@ -80,6 +83,8 @@ class TransformerConfig:
             )
         if self.positions not in ("learned", "rotary"):
             raise ValueError(f"TransformerConfig.positions must be 'learned' or 'rotary', got {self.positions!r}")
+        if self.attention not in ("jnp", "pallas"):
+            raise ValueError(f"TransformerConfig.attention must be 'jnp' or 'pallas', got {self.attention!r}")
         if self.positions == "rotary" and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"rotary positions need an even head dim, got {self.d_model // self.n_heads}")
 
@@ -142,6 +147,13 @@ class CausalSelfAttention(nn.Module):
             pos = jnp.arange(t)
             q = rotary_embedding(q, pos, cfg.rope_base)
             k = rotary_embedding(k, pos, cfg.rope_base)
+        if cfg.attention == "pallas":  # fused kernels on (b, h, t, dh), custom JVP (jaxlab.kernels)
+            from jaxlab.kernels import flash_attention
+
+            heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+            ctx = flash_attention(*map(heads_first, (q, k, v)), causal=True, implementation="pallas")
+            ctx = heads_first(ctx).reshape(b, t, d)
+            return _dense(d, ("heads", "embed"), cfg, "o", out_std)(ctx)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(dh, q.dtype))
         causal = jnp.tril(jnp.ones((t, t), bool))
         scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
