@@ -17,6 +17,13 @@ the improved-MeanFlow (iMF) tangent. With ``h = t - r``, ``A = h J``, ``eps = v_
 ``delta = vhat - v`` the target error against the ideal ``T* = v - h (J v + d_t u)`` is
 ``(I - lam A) eps - (1 - lam) A delta``.
 
+Improved MeanFlow (iMF) in full is a set of options of the same loss (all off by default):
+``aux_v_head`` (the model returns ``(u, v_aux)``; an adaptively weighted ``||v_aux - v||^2`` term trains the
+auxiliary instantaneous-velocity head), ``vhat="head"`` (the JVP tangent from that head), and
+``guidance_conditioning`` (per-sample guidance scale ``omega`` and interval ``(t_lo, t_hi)`` drawn as the
+official code draws them and fed to the network; :func:`conditioned_guided_velocity`).
+:meth:`MeanFlowConfig.imf` sets all of them together with the official code's other settings.
+
 References:
   Geng et al., "Mean Flows for One-step Generative Modeling", arXiv 2505.13447 (eqs. 6-11, Alg. 1).
   Lu & Wang, "On Variance Reduction in Learning Mean Flows", arXiv 2605.09235.
@@ -53,6 +60,8 @@ __all__ = [
     "drop_labels",
     "drop_label_prefix",
     "guided_velocity",
+    "sample_guidance_conditions",
+    "conditioned_guided_velocity",
     "vhat_estimate",
     "two_tangent_jvp",
     "two_tangent_target",
@@ -98,6 +107,10 @@ def _is_ema(vhat) -> bool:
     return isinstance(vhat, str) and vhat == "ema"
 
 
+def _is_head(vhat) -> bool:
+    return isinstance(vhat, str) and vhat == "head"
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class MeanFlowConfig:
     """Everything :func:`meanflow_loss` needs besides the model and data (validated on construction).
@@ -123,7 +136,9 @@ class MeanFlowConfig:
       reduction: ``"sum"`` (MeanFlow: ``d_i`` sums over dims) or ``"mean"``; it changes the effective ``c``.
       vhat: source of the stop-gradient marginal-velocity estimate in the tangent: ``"boundary"``
         (``u_theta(z, t, t)`` of the same params), ``"ema"`` (``u(z, t, t)`` of an EMA of the params kept
-        in the loss state) or a callable ``(z, t) -> v`` (e.g. :meth:`GMMOracle.marginal_velocity`).
+        in the loss state), ``"head"`` (``v_aux(z, t, t)``, the auxiliary v-head's output at ``r = t``;
+        needs ``aux_v_head=True``; the official iMF code's tangent, its ``v_cond_fn``, with
+        ``jvp_cond_weight=0``) or a callable ``(z, t) -> v`` (e.g. :meth:`GMMOracle.marginal_velocity`).
       vhat_ema_decay: decay of the ``"ema"`` vhat params.
       auto_ema_decay: decay of the pooled numerator/denominator EMA of the ``"auto"`` estimator.
       auto_init: coefficient used by ``"auto"`` before any statistics exist.
@@ -153,7 +168,40 @@ class MeanFlowConfig:
         In both modes a dropped row is trained on the null label and, with guidance, is not guided
         (its target velocity is ``v_c``, as in the official code).
       num_classes: number of classes; the null class is index ``num_classes``. Required with guidance.
-
+      aux_v_head: the improved-MeanFlow auxiliary instantaneous-velocity head (official iMF: on, the
+        imfDiT's ``v_heads``/``v_final_layer``). ``True`` means ``apply_fn`` returns a pair ``(u, v_aux)``
+        (e.g. ``DiT(aux_v_head=True)``); the loss then adds ``aux_v_weight * mean_i d^v_i / sg((d^v_i +
+        c_v)^p_v)`` with ``d^v_i = sum_dims (v_aux_i - sg(v_i))^2``, ``v_aux`` taken from the same forward
+        pass as ``u`` (the JVP's primal at ``(z, r, t)``, as the official ``jax.jvp(..., has_aux=True)``)
+        and ``v`` the regression velocity (``v_c``, or the guided ``v_g``). With guidance the model terms
+        of the guided velocity come from this head (official ``v_fn``), and ``vhat="head"`` takes the
+        tangent from it. Default ``False``: ``apply_fn`` returns ``u`` only.
+      aux_v_weight: weight of the v-head term (official: 1.0, ``loss = loss_u + loss_v``).
+      aux_v_adaptive_p, aux_v_adaptive_c: the v-head term's own adaptive weight ``p_v, c_v``; ``None``
+        (default) uses ``adaptive_p`` / ``adaptive_c`` (official: the same ``norm_p = 1.0``,
+        ``norm_eps = 0.01`` for both terms).
+      guidance_conditioning: the improved-MeanFlow guidance conditioning (official iMF: on). Each row gets
+        a guidance scale ``omega_i`` (:func:`sample_guidance_conditions`, official ``sample_cfg_scale``) and
+        an interval ``(t_lo_i, t_hi_i)`` (official ``sample_cfg_interval``), both passed to the network as
+        ``apply_fn(params, z, r, t, y, omega=omega, interval=(t_lo, t_hi))`` (``(B,)`` arrays; e.g.
+        ``DiT(guidance_conditioning=True)``), and the regression target is
+        ``v_g = v_c + (1 - 1/omega_eff) (V(z, t, t | y, omega_eff) - V(z, t, t | null, 1))`` with
+        ``omega_eff = omega`` inside the row's interval and 1 outside (the official ``guidance_fn``;
+        :func:`conditioned_guided_velocity`). Needs ``num_classes`` and labels; replaces the fixed
+        ``guidance_scale``/``guidance_kappa``/``guidance_interval`` (which must stay at their defaults).
+        The scale and interval are drawn from ``jax.random.fold_in(key, 0x494D46)`` (the loss's time,
+        noise and dropout keys are unchanged) or passed explicitly to :func:`meanflow_loss`.
+      guidance_scale_range: ``(omega_min, omega_max)`` of the per-sample scale (official: ``(1, 8)``,
+        ``sample_cfg_scale(s_max=7.0)`` draws in ``[1, 1 + s_max]``).
+      guidance_scale_beta: the scale's density is ``propto omega^-beta`` on the range; ``1.0`` (default,
+        official ``cfg_beta = 1.0``) is log-uniform, i.e. ``log omega ~ U[log omega_min, log omega_max]``.
+      guidance_t_lo_range, guidance_t_hi_range: ``t_lo ~ U(guidance_t_lo_range)``, ``t_hi ~
+        U(guidance_t_hi_range)`` (official: ``U[0, 0.5]`` and ``U[0.5, 1]``).
+      guidance_interval_on_fm_rows: whether the interval applies on ``r = t`` rows too. ``False``
+        (default, official): on rows with ``r = t`` the network's interval input is ``(0, 1)`` and the
+        row is guided at every ``t`` (the official code's ``t_min = where(fm_mask, 0, .)``,
+        ``t_max = where(fm_mask, 1, .)`` and ``v_g = where(fm_mask, v_g_fm, v_g)``). ``True``: they keep
+        their drawn interval and it is applied.
     The old names ``cfg_omega``, ``cfg_kappa``, ``cfg_interval`` raise a ``TypeError`` naming the new field.
 
     To follow the official MeanFlow code in the two places where jaxlab's defaults differ, set
@@ -197,6 +245,16 @@ class MeanFlowConfig:
     num_classes: int | None = None
     prefix_rounding: str = "round"
     label_dropout_mode: str = "iid"
+    aux_v_head: bool = False
+    aux_v_weight: float = 1.0
+    aux_v_adaptive_p: float | None = None
+    aux_v_adaptive_c: float | None = None
+    guidance_conditioning: bool = False
+    guidance_scale_range: tuple[float, float] = (1.0, 8.0)
+    guidance_scale_beta: float = 1.0
+    guidance_t_lo_range: tuple[float, float] = (0.0, 0.5)
+    guidance_t_hi_range: tuple[float, float] = (0.5, 1.0)
+    guidance_interval_on_fm_rows: bool = False
 
     def __post_init__(self):
         def bad(field, got, expected):
@@ -226,8 +284,18 @@ class MeanFlowConfig:
             bad("adaptive_c", self.adaptive_c, "> 0 when adaptive_p > 0")
         if self.reduction not in ("sum", "mean"):
             bad("reduction", self.reduction, '"sum" or "mean"')
-        if not (self.vhat in ("boundary", "ema") or callable(self.vhat)):
-            bad("vhat", self.vhat, '"boundary", "ema" or a callable (z, t) -> v')
+        if not (isinstance(self.vhat, str) and self.vhat in ("boundary", "ema", "head") or callable(self.vhat)):
+            bad("vhat", self.vhat, '"boundary", "ema", "head" or a callable (z, t) -> v')
+        if not isinstance(self.aux_v_head, bool):
+            bad("aux_v_head", self.aux_v_head, "a bool (True: apply_fn returns (u, v_aux))")
+        if _is_head(self.vhat) and not self.aux_v_head:
+            bad("vhat", self.vhat, 'a source other than "head" unless aux_v_head=True (apply_fn returns (u, v_aux))')
+        if not self.aux_v_weight >= 0:
+            bad("aux_v_weight", self.aux_v_weight, ">= 0")
+        if self.aux_v_adaptive_p is not None and not self.aux_v_adaptive_p >= 0:
+            bad("aux_v_adaptive_p", self.aux_v_adaptive_p, ">= 0 or None (= adaptive_p)")
+        if self.aux_v_adaptive_c is not None and not self.aux_v_adaptive_c > 0:
+            bad("aux_v_adaptive_c", self.aux_v_adaptive_c, "> 0 or None (= adaptive_c)")
         for f in ("vhat_ema_decay", "auto_ema_decay"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 bad(f, getattr(self, f), "a decay in [0, 1)")
@@ -248,6 +316,33 @@ class MeanFlowConfig:
             bad("guidance_interval", self.guidance_interval, "(lo, hi) with 0 <= lo <= hi <= 1")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             bad("num_classes", self.num_classes, "a positive int (the null class is index num_classes)")
+        if not isinstance(self.guidance_conditioning, bool) or not isinstance(self.guidance_interval_on_fm_rows, bool):
+            bad("guidance_conditioning", (self.guidance_conditioning, self.guidance_interval_on_fm_rows),
+                "bools for guidance_conditioning and guidance_interval_on_fm_rows")
+        s_lo, s_hi = self.guidance_scale_range
+        if not 0.0 < s_lo <= s_hi:
+            bad("guidance_scale_range", self.guidance_scale_range, "(omega_min, omega_max) with 0 < omega_min <= omega_max")
+        if not self.guidance_scale_beta >= 0:
+            bad("guidance_scale_beta", self.guidance_scale_beta, ">= 0 (1.0 = log-uniform)")
+        for f in ("guidance_t_lo_range", "guidance_t_hi_range"):
+            a, b = getattr(self, f)
+            if not 0.0 <= a <= b <= 1.0:
+                bad(f, getattr(self, f), "(a, b) with 0 <= a <= b <= 1")
+        if self.guidance_conditioning:
+            if self.num_classes is None:
+                raise ValueError(
+                    "MeanFlowConfig.num_classes: guidance_conditioning=True guides with labels: set num_classes "
+                    "(null class = num_classes) and pass y to meanflow_loss"
+                )
+            if self.guidance_scale is not None:
+                bad("guidance_scale", self.guidance_scale,
+                    "None with guidance_conditioning=True (the scale is drawn per sample from guidance_scale_range)")
+            if self.guidance_kappa != 0.0:
+                bad("guidance_kappa", self.guidance_kappa, "0.0 with guidance_conditioning=True (iMF has no kappa term)")
+            if tuple(self.guidance_interval) != (0.0, 1.0):
+                bad("guidance_interval", self.guidance_interval,
+                    "(0.0, 1.0) with guidance_conditioning=True (the interval is drawn per sample, see "
+                    "guidance_t_lo_range / guidance_t_hi_range)")
         if self.guidance_scale is not None:
             if self.num_classes is None:
                 raise ValueError(
@@ -265,8 +360,32 @@ class MeanFlowConfig:
 
     @property
     def guidance_on(self) -> bool:
-        """Whether classifier-free guidance is on (``guidance_scale`` is set)."""
-        return self.guidance_scale is not None
+        """Whether classifier-free guidance is on (``guidance_scale`` is set, or ``guidance_conditioning``)."""
+        return self.guidance_scale is not None or self.guidance_conditioning
+
+    @classmethod
+    def imf(cls, num_classes: int, **overrides) -> MeanFlowConfig:
+        """The improved-MeanFlow settings of the official code (``imf.py`` + ``configs/default.py``).
+
+        ``jvp_cond_weight=0, vhat="head", aux_v_head=True, guidance_conditioning=True`` (scale log-uniform
+        in ``[1, 8]``, ``t_lo ~ U[0, 0.5]``, ``t_hi ~ U[0.5, 1]``, no interval on ``r = t`` rows),
+        ``flow_matching_fraction=0.5`` (``data_proportion``), ``adaptive_p=1.0, adaptive_c=0.01``
+        (``norm_p``, ``norm_eps``), ``label_dropout=0.1`` on a prefix (``class_dropout_prob``; the official
+        count is random, here static), ``prefix_rounding="floor"`` (``int(bz * data_proportion)``), time
+        sampler ``(-0.4, 1.0)`` (``P_mean``, ``P_std``). Keyword ``overrides`` replace any of these.
+
+        Example:
+          >>> from jaxlab.losses import MeanFlowConfig
+          >>> cfg = MeanFlowConfig.imf(num_classes=10)
+          >>> cfg.vhat, cfg.aux_v_head, cfg.guidance_conditioning, cfg.flow_matching_fraction
+          ('head', True, True, 0.5)
+        """
+        kw = dict(jvp_cond_weight=0.0, vhat="head", aux_v_head=True, guidance_conditioning=True,
+                  flow_matching_fraction=0.5, adaptive_p=1.0, adaptive_c=0.01, label_dropout=0.1,
+                  label_dropout_mode="prefix", prefix_rounding="floor", time_mu=-0.4, time_sigma=1.0,
+                  num_classes=num_classes)
+        kw.update(overrides)
+        return cls(**kw)
 
     @property
     def auto(self) -> bool:
@@ -321,8 +440,27 @@ def meanflow_init_state(config: MeanFlowConfig, params=None) -> dict:
     return state
 
 
-def _call(apply_fn, params, z, r, t, y):
-    return apply_fn(params, z, r, t) if y is None else apply_fn(params, z, r, t, y)
+def _call(apply_fn, params, z, r, t, y, cond=None):
+    if cond is None:
+        return apply_fn(params, z, r, t) if y is None else apply_fn(params, z, r, t, y)
+    return apply_fn(params, z, r, t, **cond) if y is None else apply_fn(params, z, r, t, y, **cond)
+
+
+def _heads(out, aux_v_head: bool, where: str):
+    """``(u, v_aux)`` from an ``apply_fn`` output: the pair with ``aux_v_head``, else ``(out, None)``."""
+    if not aux_v_head:
+        return out, None
+    if not isinstance(out, tuple | list) or len(out) != 2:
+        raise ValueError(
+            f"{where}: MeanFlowConfig.aux_v_head=True expects apply_fn to return a pair (u, v_aux), got "
+            f"{type(out).__name__}"
+        )
+    return out[0], out[1]
+
+
+def _rows(cond, s):
+    """The rows ``s`` of the per-row network conditioning inputs (``None`` stays ``None``)."""
+    return None if cond is None else jax.tree.map(lambda a: a[s], cond)
 
 
 def _bcast(v, ndim):
@@ -402,6 +540,7 @@ def guided_velocity(
     null_class: int,
     interval: tuple[float, float] = (0.0, 1.0),
     drop: jax.Array | None = None,
+    aux_v_head: bool = False,
 ):
     """The classifier-free-guidance regression velocity (MeanFlow eq. 19) and the boundary velocity.
 
@@ -421,9 +560,11 @@ def guided_velocity(
       null_class: the null label (``num_classes``).
       interval: guidance only for ``t`` in this closed interval.
       drop: optional boolean ``(B,)`` label-dropout mask (:func:`drop_labels`); dropped rows are unguided.
+      aux_v_head: ``apply_fn`` returns ``(u, v_aux)``; the model terms are then the v-head's ``v_aux``
+        (``MeanFlowConfig.aux_v_head``, the official iMF code's ``v_fn``) instead of ``u``.
     Returns:
-      ``(v, u_boundary)``: the regression velocity and ``sg(u(z, t, t | y_in))`` with ``y_in`` the label
-      the row trains on (null where dropped), reusable as the boundary ``vhat``.
+      ``(v, u_boundary)``: the regression velocity and ``sg(u(z, t, t | y_in))`` (``sg(v_aux(...))`` with
+      ``aux_v_head``) with ``y_in`` the label the row trains on (null where dropped), reusable as ``vhat``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -437,8 +578,9 @@ def guided_velocity(
     """
     nd = z.ndim
     null = jnp.full(t.shape, null_class, jnp.int32)
-    u_cond = _sg(apply_fn(params, z, t, t, y.astype(jnp.int32)))
-    u_unc = _sg(apply_fn(params, z, t, t, null))
+    pick = lambda out: _heads(out, aux_v_head, "guided_velocity")[1 if aux_v_head else 0]
+    u_cond = _sg(pick(apply_fn(params, z, t, t, y.astype(jnp.int32))))
+    u_unc = _sg(pick(apply_fn(params, z, t, t, null)))
     v_g = scale * v_c + kappa * u_cond + (1 - scale - kappa) * u_unc
     lo, hi = interval
     guide = (t >= lo) & (t <= hi)
@@ -446,6 +588,138 @@ def guided_velocity(
         return jnp.where(_bcast(guide, nd), v_g, v_c), u_cond
     v = jnp.where(_bcast(guide & ~drop, nd), v_g, v_c)
     return v, jnp.where(_bcast(drop, nd), u_unc, u_cond)
+
+
+def sample_guidance_conditions(
+    key: jax.Array,
+    batch_size: int,
+    *,
+    scale_range: tuple[float, float] = (1.0, 8.0),
+    beta: float = 1.0,
+    t_lo_range: tuple[float, float] = (0.0, 0.5),
+    t_hi_range: tuple[float, float] = (0.5, 1.0),
+    dtype=jnp.float32,
+):
+    """Per-sample guidance scale and interval, drawn as the official improved-MeanFlow code draws them.
+
+        u ~ U[0, 1],   log omega = log a + log1p(u expm1((1 - beta) L)) / (1 - beta),   L = log(b / a)
+                       (beta = 1: log omega = log a + u L, i.e. log-uniform on [a, b])
+        t_lo ~ U(t_lo_range),   t_hi ~ U(t_hi_range)
+
+    with ``(a, b) = scale_range``: the density of ``omega`` is ``propto omega^-beta`` on ``[a, b]`` (for
+    ``a = 1`` this is the official ``sample_cfg_scale`` with ``s_max = b - 1``, ``cfg_beta = beta``; its
+    defaults ``s_max = 7``, ``cfg_beta = 1`` give log-uniform on ``[1, 8]``); the interval is the official
+    ``sample_cfg_interval`` (``U[0, 0.5]`` and ``U[0.5, 1]``). The key is used as ``k_lo, k_hi, k_u =
+    jax.random.split(key, 3)``. :func:`meanflow_loss` then sets the interval to ``(0, 1)`` on ``r = t`` rows
+    unless ``MeanFlowConfig.guidance_interval_on_fm_rows``.
+
+    Args:
+      key: PRNG key.
+      batch_size: ``B``.
+      scale_range: ``(omega_min, omega_max)``, ``0 < omega_min <= omega_max``.
+      beta: exponent of the power-law density (``1.0`` log-uniform).
+      t_lo_range, t_hi_range: ranges of the interval's ends.
+      dtype: float dtype of the results.
+    Returns:
+      ``(omega, (t_lo, t_hi))``, each ``(B,)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxlab.losses import sample_guidance_conditions
+      >>> omega, (lo, hi) = sample_guidance_conditions(jax.random.PRNGKey(0), 1000)
+      >>> bool(jnp.all((omega >= 1) & (omega <= 8))), bool(jnp.all((lo <= 0.5) & (hi >= 0.5)))
+      (True, True)
+    """
+    a, b = (float(v) for v in scale_range)
+    if not 0.0 < a <= b:
+        raise ValueError(f"sample_guidance_conditions: scale_range must satisfy 0 < min <= max, got {scale_range!r}")
+    k_lo, k_hi, k_u = jax.random.split(key, 3)
+    lo = jax.random.uniform(k_lo, (batch_size,), jnp.float32, t_lo_range[0], t_lo_range[1])
+    hi = jax.random.uniform(k_hi, (batch_size,), jnp.float32, t_hi_range[0], t_hi_range[1])
+    u = jax.random.uniform(k_u, (batch_size,), jnp.float32)
+    L = jnp.float32(np.log(b) - np.log(a))
+    if float(beta) == 1.0:
+        log_omega = np.float32(np.log(a)) + u * L
+    else:
+        k = jnp.float32(1.0 - float(beta))
+        log_omega = np.float32(np.log(a)) + jnp.log1p(u * jnp.expm1(k * L)) / k
+    omega = jnp.exp(log_omega)
+    return omega.astype(dtype), (lo.astype(dtype), hi.astype(dtype))
+
+
+def conditioned_guided_velocity(
+    apply_fn: Callable,
+    params,
+    z: jax.Array,
+    t: jax.Array,
+    v_c: jax.Array,
+    y: jax.Array,
+    *,
+    omega: jax.Array,
+    interval: tuple[jax.Array, jax.Array],
+    null_class: int,
+    drop: jax.Array | None = None,
+    aux_v_head: bool = False,
+):
+    """The improved-MeanFlow guided velocity with the scale and interval as network inputs (official ``guidance_fn``).
+
+        g_i        = (t_lo_i <= t_i <= t_hi_i)                       (guidance on for row i)
+        omega_eff  = omega if g else 1
+        V_cond     = sg(V(z, t, t | y,    omega=omega_eff, interval=(0, 1)))
+        V_unc      = sg(V(z, t, t | null, omega=1,         interval=(0, 1)))
+        v_g        = v_c + (1 - 1/omega_eff) (V_cond - V_unc)
+        v_i        = v_c,i on rows whose label was dropped, else v_g,i
+
+    ``V`` is the model's instantaneous velocity: the u-output at ``r = t``, or the v-head with
+    ``aux_v_head`` (as the official ``v_cond_fn``/``v_fn``, which evaluate the v-head with ``h = 0`` and
+    interval inputs ``(0, 1)``). A model conditioned on ``omega`` learns the guided velocity
+    ``V_unc + omega (v - V_unc)``, of which ``v_g`` is the single-sample estimate. Evaluating ``V_cond`` once
+    at ``omega_eff`` gives the official targets exactly (the official code evaluates it at ``omega`` for the
+    ``r = t`` rows and at ``omega_eff`` for the others; the two agree wherever ``1 - 1/omega_eff != 0``).
+    The caller passes the interval the network sees: :func:`meanflow_loss` sets it to ``(0, 1)`` on ``r = t``
+    rows (the official rule), so those rows are guided at every ``t``.
+
+    Args:
+      apply_fn: ``apply_fn(params, z, r, t, y, omega=, interval=) -> u`` (or ``(u, v_aux)``).
+      params: model params (the model terms are under stop-gradient).
+      z: ``(B, ...)``; t: ``(B,)``; v_c: ``e - x``; y: the original integer labels ``(B,)``.
+      omega: per-row scales ``(B,)``; interval: ``(t_lo, t_hi)``, each ``(B,)``.
+      null_class: the null label (``num_classes``).
+      drop: optional boolean ``(B,)`` label-dropout mask; dropped rows are unguided.
+      aux_v_head: take ``V`` from the v-head.
+    Returns:
+      ``(v, boundary, omega_b)``: the regression velocity; the stop-gradient instantaneous velocity of the
+      label each row trains on (``V_unc`` where dropped, else ``V_cond``), reusable as ``vhat`` (the
+      official tangent ``v_c``; on dropped rows jaxlab uses ``V_unc``, as :func:`guided_velocity`); and the
+      scale input ``omega_b`` that boundary was evaluated at (1 where dropped, else ``omega_eff``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlab.losses import conditioned_guided_velocity
+      >>> def apply(p, z, r, t, y, *, omega, interval):   # a toy guided velocity: V = z + y (omega - 1)
+      ...     return z + (y * (omega - 1))[:, None]
+      >>> z, t, v_c, y = jnp.zeros((2, 1)), jnp.array([0.3, 0.9]), jnp.ones((2, 1)), jnp.array([2, 2])
+      >>> v, _, om = conditioned_guided_velocity(apply, None, z, t, v_c, y, omega=jnp.array([2.0, 2.0]),
+      ...     interval=(jnp.array([0.2, 0.2]), jnp.array([0.6, 0.6])), null_class=3)
+      >>> v.ravel().tolist(), om.tolist()        # row 0: 1 + (1 - 1/2) * (2 - 0); row 1 is outside its interval
+      ([2.0, 1.0], [2.0, 1.0])
+    """
+    nd = z.ndim
+    lo, hi = interval
+    guide = (t >= lo) & (t <= hi)
+    omega = jnp.asarray(omega, z.dtype)
+    omega_eff = jnp.where(guide, omega, jnp.ones_like(omega))
+    full = (jnp.zeros_like(t), jnp.ones_like(t))
+    pick = lambda out: _heads(out, aux_v_head, "conditioned_guided_velocity")[1 if aux_v_head else 0]
+    null = jnp.full(t.shape, null_class, jnp.int32)
+    v_cond = _sg(pick(apply_fn(params, z, t, t, y.astype(jnp.int32), omega=omega_eff, interval=full)))
+    v_unc = _sg(pick(apply_fn(params, z, t, t, null, omega=jnp.ones_like(omega), interval=full)))
+    v_g = v_c + _bcast(1 - 1 / omega_eff, nd) * (v_cond - v_unc)
+    if drop is None:
+        return v_g, v_cond, omega_eff
+    dropb = _bcast(drop, nd)
+    return (jnp.where(dropb, v_c, v_g), jnp.where(dropb, v_unc, v_cond),
+            jnp.where(drop, jnp.ones_like(omega_eff), omega_eff))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -462,11 +736,14 @@ def vhat_estimate(
     source: str | Callable = "boundary",
     ema_params=None,
     boundary: jax.Array | None = None,
+    cond: dict | None = None,
+    aux_v_head: bool = False,
 ) -> jax.Array:
     """Stop-gradient estimate ``vhat(z, t)`` of the marginal velocity ``v(z, t) = E[v_c | z_t = z]``.
 
         "boundary":  vhat = sg(u_theta(z, t, t))       (iMF; reuses ``boundary`` when given)
         "ema":       vhat = sg(u_theta_ema(z, t, t))   (EMA params kept in the loss state)
+        "head":      vhat = sg(v_aux(z, t, t))         (the auxiliary v-head; needs ``aux_v_head``)
         callable:    vhat = sg(source(z, t))          (e.g. the exact GMMOracle.marginal_velocity)
 
     Its error ``delta = vhat - v`` enters the target as ``-(1 - lam) A delta`` (specs/meanflow.md sec. 3).
@@ -475,10 +752,14 @@ def vhat_estimate(
       apply_fn: ``apply_fn(params, z, r, t[, y]) -> u``.
       params: model params.
       z: ``(B, ...)``; t: ``(B,)``; y: optional labels passed to ``apply_fn``.
-      source: ``"boundary"``, ``"ema"`` or a callable ``(z, t) -> v``.
+      source: ``"boundary"``, ``"ema"``, ``"head"`` or a callable ``(z, t) -> v``.
       ema_params: the EMA params (``source="ema"``).
       boundary: an already computed ``sg(u_theta(z, t, t | y))`` (e.g. from :func:`guided_velocity`),
-        used by ``"boundary"`` instead of a new forward pass.
+        used by ``"boundary"`` (or, with ``aux_v_head``, by ``"head"``) instead of a new forward pass.
+      cond: optional network conditioning inputs ``{"omega": ..., "interval": ...}`` passed to ``apply_fn``
+        as keywords (``MeanFlowConfig.guidance_conditioning``).
+      aux_v_head: ``apply_fn`` returns ``(u, v_aux)``: ``"boundary"``/``"ema"`` take ``u``, ``"head"``
+        takes ``v_aux``.
     Returns:
       ``vhat``, shape and dtype of ``z``.
 
@@ -496,15 +777,23 @@ def vhat_estimate(
     """
     if callable(source):
         return _sg(jnp.asarray(source(z, t), z.dtype))
+    u_of = lambda out: _heads(out, aux_v_head, "vhat_estimate")[0]
     if _is_ema(source):
         if ema_params is None:
             raise ValueError('vhat_estimate: source="ema" needs ema_params (loss_state["vhat_params"])')
-        return _sg(_call(apply_fn, ema_params, z, t, t, y))
+        return _sg(u_of(_call(apply_fn, ema_params, z, t, t, y, cond)))
+    if _is_head(source):
+        if not aux_v_head:
+            raise ValueError('vhat_estimate: source="head" needs aux_v_head=True (apply_fn returns (u, v_aux))')
+        if boundary is not None:
+            return boundary
+        return _sg(_heads(_call(apply_fn, params, z, t, t, y, cond), True, "vhat_estimate")[1])
     if source != "boundary":
-        raise ValueError(f'vhat_estimate: source must be "boundary", "ema" or a callable (z, t) -> v, got {source!r}')
+        raise ValueError(
+            f'vhat_estimate: source must be "boundary", "ema", "head" or a callable (z, t) -> v, got {source!r}')
     if boundary is not None:
         return boundary
-    return _sg(_call(apply_fn, params, z, t, t, y))
+    return _sg(u_of(_call(apply_fn, params, z, t, t, y, cond)))
 
 
 def meanflow_target(
@@ -517,6 +806,9 @@ def meanflow_target(
     vhat: jax.Array | None,
     jvp_cond_weight,
     y: jax.Array | None = None,
+    *,
+    cond: dict | None = None,
+    aux_v_head: bool = False,
 ):
     """The (variance-reduced) MeanFlow target with one ``jax.jvp``.
 
@@ -533,8 +825,12 @@ def meanflow_target(
       vhat: stop-gradient marginal-velocity estimate (ignored, may be ``None``, when ``lam == 1``).
       jvp_cond_weight: ``lam`` (scalar).
       y: optional labels passed to ``apply_fn``.
+      cond: optional network conditioning inputs passed to ``apply_fn`` as keywords (not differentiated).
+      aux_v_head: ``apply_fn`` returns ``(u, v_aux)``; the JVP pushes the tangent through ``u`` only and
+        ``v_aux`` comes from the same forward pass (``jax.jvp(..., has_aux=True)``).
     Returns:
-      ``(u, target, dudt)``: the model output (carries gradients), the stop-gradient target and ``du/dt``.
+      ``(u, target, dudt)``: the model output (carries gradients), the stop-gradient target and ``du/dt``;
+      with ``aux_v_head`` a fourth entry ``v_aux`` (carries gradients).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -551,10 +847,17 @@ def meanflow_target(
         w = v
     else:
         w = lam * v + (1.0 - lam) * vhat
-    f = lambda z_, r_, t_: _call(apply_fn, params, z_, r_, t_, y)
-    u, dudt = jax.jvp(f, (z, r, t), (_sg(w), jnp.zeros_like(r), jnp.ones_like(t)))
+    tangents = (_sg(w), jnp.zeros_like(r), jnp.ones_like(t))
+    if aux_v_head:
+        f = lambda z_, r_, t_: _heads(_call(apply_fn, params, z_, r_, t_, y, cond), True, "meanflow_target")
+        u, dudt, v_aux = jax.jvp(f, (z, r, t), tangents, has_aux=True)
+    else:
+        f = lambda z_, r_, t_: _call(apply_fn, params, z_, r_, t_, y, cond)
+        u, dudt = jax.jvp(f, (z, r, t), tangents)
     h = _bcast(t - r, z.ndim)
     target = _sg(v - h * dudt)
+    if aux_v_head:
+        return u, target, _sg(dudt), v_aux
     return u, target, _sg(dudt)
 
 
@@ -567,6 +870,9 @@ def two_tangent_jvp(
     vhat: jax.Array,
     epshat: jax.Array,
     y: jax.Array | None = None,
+    *,
+    cond: dict | None = None,
+    aux_v_head: bool = False,
 ):
     """Two tangents on one linearisation: ``J vhat + d_t u`` and ``J epshat`` (``J = d_z u_theta``).
 
@@ -583,6 +889,7 @@ def two_tangent_jvp(
       z: ``(B, ...)``; r, t: ``(B,)``.
       vhat: the stop-gradient marginal-velocity estimate; epshat: ``v - vhat``; both shape of ``z``.
       y: optional labels passed to ``apply_fn``.
+      cond, aux_v_head: as in :func:`meanflow_target` (with ``aux_v_head`` a fourth entry ``v_aux``).
     Returns:
       ``(u, base, j_eps)``: the model output (carries gradients) and the two stop-gradient JVPs.
 
@@ -595,14 +902,19 @@ def two_tangent_jvp(
       >>> base.tolist(), j_eps.tolist()
       ([[4.0, 4.0]], [[6.0, 6.0]])
     """
-    f = lambda z_, r_, t_: _call(apply_fn, params, z_, r_, t_, y)
     zeros_r = jnp.zeros_like(r)
+    tz = jnp.stack([vhat, epshat])
+    tt = jnp.stack([jnp.ones_like(t), jnp.zeros_like(t)])
+    if aux_v_head:
+        fa = lambda z_, r_, t_: _heads(_call(apply_fn, params, z_, r_, t_, y, cond), True, "two_tangent_jvp")
+        push_a = lambda tz_, tt_: jax.jvp(fa, (z, r, t), (tz_, zeros_r, tt_), has_aux=True)
+        u, d, v_aux = jax.vmap(push_a, out_axes=(None, 0, None))(tz, tt)
+        return u, _sg(d[0]), _sg(d[1]), v_aux
+    f = lambda z_, r_, t_: _call(apply_fn, params, z_, r_, t_, y, cond)
 
     def push(tz, tt):
         return jax.jvp(f, (z, r, t), (tz, zeros_r, tt))
 
-    tz = jnp.stack([vhat, epshat])
-    tt = jnp.stack([jnp.ones_like(t), jnp.zeros_like(t)])
     u, d = jax.vmap(push, out_axes=(None, 0))(tz, tt)
     return u, _sg(d[0]), _sg(d[1])
 
@@ -840,10 +1152,44 @@ def _check_inputs(x, t, r, noise, y, config):
     if y is not None and tuple(jnp.shape(y)) != (B,):
         raise ValueError(f"meanflow_loss: y must be integer labels of shape ({B},), got {jnp.shape(y)}")
     if config.guidance_on and y is None:
+        what = ("guidance_conditioning=True" if config.guidance_conditioning
+                else f"guidance_scale={config.guidance_scale!r}")
         raise ValueError(
-            f"meanflow_loss: MeanFlowConfig.guidance_scale={config.guidance_scale!r} turns classifier-free "
+            f"meanflow_loss: MeanFlowConfig.{what} turns classifier-free "
             "guidance on, which needs labels: pass y (shape (B,), values in [0, num_classes))"
         )
+
+
+def _guidance_inputs(config, key, x, r, t, omega, interval):
+    """``(omega, (t_lo, t_hi))`` the network sees: drawn (or given), the interval ``(0, 1)`` on ``r = t`` rows."""
+    B, dtype = x.shape[0], x.dtype
+    if omega is None or interval is None:
+        d_omega, d_interval = sample_guidance_conditions(
+            jax.random.fold_in(key, 0x494D46), B, scale_range=config.guidance_scale_range,
+            beta=config.guidance_scale_beta, t_lo_range=config.guidance_t_lo_range,
+            t_hi_range=config.guidance_t_hi_range, dtype=dtype,
+        )
+        omega = d_omega if omega is None else omega
+        interval = d_interval if interval is None else interval
+    omega = jnp.asarray(omega, dtype)
+    lo, hi = (jnp.asarray(a, dtype) for a in interval)
+    if not config.guidance_interval_on_fm_rows:
+        fm = r == t
+        lo, hi = jnp.where(fm, jnp.zeros_like(lo), lo), jnp.where(fm, jnp.ones_like(hi), hi)
+    return omega, (lo, hi)
+
+
+def _check_guidance_inputs(x, omega, interval, config):
+    B = x.shape[0]
+    if (omega is not None or interval is not None) and not config.guidance_conditioning:
+        raise ValueError("meanflow_loss: omega/interval are network inputs of MeanFlowConfig.guidance_conditioning=True; "
+                         "it is off")
+    if omega is not None and tuple(jnp.shape(omega)) != (B,):
+        raise ValueError(f"meanflow_loss: omega must have shape ({B},), got {jnp.shape(omega)}")
+    if interval is not None:
+        if not isinstance(interval, tuple | list) or len(interval) != 2 or any(
+                tuple(jnp.shape(a)) != (B,) for a in interval):
+            raise ValueError(f"meanflow_loss: interval must be a pair (t_lo, t_hi) of ({B},) arrays")
 
 
 def _check_time_values(t, r):
@@ -933,6 +1279,8 @@ def meanflow_loss(
     loss_state: dict | None = None,
     prefix: int | None = None,
     axis_name: str | None = None,
+    omega: jax.Array | None = None,
+    interval: tuple[jax.Array, jax.Array] | None = None,
 ):
     """MeanFlow loss with the variance-reduced JVP tangent ``w = lam v_c + (1 - lam) vhat``.
 
@@ -951,6 +1299,21 @@ def meanflow_loss(
     ``label_dropout`` and only with guidance on; ``"prefix"`` (official MeanFlow code) gives the null label
     to exactly the first ``n_drop = round/floor(label_dropout * B)`` rows whenever ``y`` is given, guidance
     on or off, and raises if those are not all among the ``n_eq`` leading ``r = t`` rows.
+
+    Improved-MeanFlow options (``MeanFlowConfig``; all off by default, :meth:`MeanFlowConfig.imf` turns on
+    the official set):
+
+        guidance_conditioning:  omega_i, (t_lo_i, t_hi_i) drawn per row (or given); (0, 1) on r = t rows
+                                (unless guidance_interval_on_fm_rows); every apply_fn call gets them as
+                                keywords omega=, interval=;  v = conditioned_guided_velocity(...)
+        aux_v_head:             apply_fn returns (u, v_aux);  loss = L_u + aux_v_weight * mean_i d^v_i /
+                                sg((d^v_i + c_v)^p_v),  d^v_i = sum_dims (v_aux_i - sg(v_i))^2, v_aux from
+                                the same forward as u (the JVP primal on r != t rows)
+        vhat="head":            w = lam v + (1 - lam) sg(v_aux(z, t, t)) (official iMF: lam = 0; with
+                                guidance conditioning evaluated at omega_eff, interval (0, 1))
+
+    The official iMF loss ``mean_i [adp(||u + h sg(du/dt) - sg(v_g)||^2) + adp(||v_aux - sg(v_g)||^2)]``
+    is this one: ``u + h sg(du/dt) - v_g = u - T`` with ``T = sg(v_g - h du/dt)``.
 
     ``"auto"`` coefficient: with ``epshat = v_c - vhat`` a second tangent ``(epshat, 0, 0)`` on the same
     linearisation gives ``a_i = (t_i - r_i) J_i epshat_i`` (so ``J w + d_t u`` for any ``lam`` is
@@ -977,8 +1340,10 @@ def meanflow_loss(
     ``has_loss_state=True``.)
 
     Args:
-      apply_fn: ``apply_fn(params, z, r, t[, y]) -> u`` with ``z: (B, ...)``, ``r, t: (B,)``.
-      params: model params (any pytree; gradients flow through ``u`` only).
+      apply_fn: ``apply_fn(params, z, r, t[, y]) -> u`` with ``z: (B, ...)``, ``r, t: (B,)``; with
+        ``guidance_conditioning`` also keywords ``omega=`` ``(B,)`` and ``interval=(t_lo, t_hi)``; with
+        ``aux_v_head`` it returns ``(u, v_aux)``.
+      params: model params (any pytree; gradients flow through ``u``, and ``v_aux`` with ``aux_v_head``).
       x: ``(B, ...)`` data.
       key: PRNG key for times, noise and label dropout (split as ``k_time, k_noise, k_drop``; ``k_drop`` is
         used by ``label_dropout_mode="iid"`` only).
@@ -994,12 +1359,16 @@ def meanflow_loss(
       prefix: static number of leading ``r = t`` rows (default: ``round(fraction * B)`` or
         ``floor(fraction * B)`` by ``MeanFlowConfig.prefix_rounding`` when sampling, 0 with explicit times).
       axis_name: a ``pmap``/``shard_map`` axis over which the ``"auto"`` statistics are summed.
+      omega: explicit per-row guidance scales ``(B,)`` (``guidance_conditioning`` only; default: drawn).
+      interval: explicit per-row guidance intervals ``(t_lo, t_hi)``, each ``(B,)`` (``guidance_conditioning``
+        only; default: drawn); set to ``(0, 1)`` on ``r = t`` rows unless ``guidance_interval_on_fm_rows``.
     Returns:
       ``(loss, aux)`` with ``aux``: ``mse`` (unweighted per-dim MSE, all rows), ``mse_fm`` / ``mse_mf``
       (rows with ``r = t`` / ``r != t``; 0 when there are none), ``jvp_cond_weight`` (the coefficient
       used), ``loss_state``, and with two tangents ``target_var`` (weighted mean of
       ``||(I - lam A) epshat||^2``, the target's spread around its deterministic part) and ``lam_hat``
-      (this batch's clipped estimate).
+      (this batch's clipped estimate). With ``aux_v_head`` also ``loss_u``, ``loss_v`` (the two weighted
+      terms, ``loss = loss_u + aux_v_weight * loss_v``) and ``mse_v`` (unweighted per-dim MSE of ``v_aux``).
     Raises:
       ValueError: inputs of the wrong shape; explicit ``t``/``r`` outside ``[0, 1]`` or with ``r > t`` in
         some row (the message names the argument, how many entries are bad and the first one). The value
@@ -1031,6 +1400,7 @@ def meanflow_loss(
     if not isinstance(config, MeanFlowConfig):
         raise TypeError(f"meanflow_loss: config must be a MeanFlowConfig, got {type(config).__name__}")
     _check_inputs(x, t, r, noise, y, config)
+    _check_guidance_inputs(x, omega, interval, config)
     B, nd = x.shape[0], x.ndim
     k_time, k_noise, k_drop = jax.random.split(key, 3)
     r, t, n_eq = _time_pairs(config, k_time, x, t, r, prefix)
@@ -1038,23 +1408,40 @@ def meanflow_loss(
     state = _loss_state(config, params, loss_state)
     p, c, reduction = config.adaptive_p, config.adaptive_c, config.reduction
 
-    # The path and the regression velocity: v_c, or the guided v_g (then also the boundary u(z, t, t | y_in)).
+    # The path and the regression velocity: v_c, or the guided v_g (then also the boundary u(z, t, t | y_in), or
+    # the v-head's with aux_v_head; with guidance_conditioning the network inputs omega, interval as well).
     tb = _bcast(t, nd)
     z = (1 - tb) * x + tb * e
     v, boundary = e - x, None
     y_in, drop = _labels_in(config, k_drop, y, n_eq)
-    if config.guidance_on:
+    aux_head = config.aux_v_head
+    cond = cond_b = None  # network conditioning inputs at (z, r, t) and at the boundary r = t (vhat)
+    if config.guidance_conditioning:
+        g_omega, g_interval = _guidance_inputs(config, key, x, r, t, omega, interval)
+        v, boundary, omega_b = conditioned_guided_velocity(
+            apply_fn, params, z, t, v, y, omega=g_omega, interval=g_interval, null_class=config.num_classes,
+            drop=drop, aux_v_head=aux_head,
+        )
+        cond = {"omega": g_omega, "interval": g_interval}
+        cond_b = {"omega": omega_b, "interval": (jnp.zeros_like(t), jnp.ones_like(t))}
+    elif config.guidance_on:
         v, boundary = guided_velocity(
             apply_fn, params, z, t, v, y, scale=config.guidance_scale, kappa=config.guidance_kappa,
             null_class=config.num_classes, interval=config.guidance_interval, drop=drop,
+            **({"aux_v_head": True} if aux_head else {}),
         )
+    if boundary is not None and (_is_head(config.vhat) != aux_head):
+        boundary = None  # the guidance terms came from the other head than the one vhat asks for
     fm, mf = slice(0, n_eq), slice(n_eq, B)
     labels = lambda s: None if y_in is None else y_in[s]
-    us, targets = [], []
+    us, targets, v_auxs = [], [], []
 
     # Rows with r = t: flow matching, T = v.
     if n_eq > 0:
-        us.append(_call(apply_fn, params, z[fm], t[fm], t[fm], labels(fm)))
+        out = _call(apply_fn, params, z[fm], t[fm], t[fm], labels(fm), _rows(cond, fm))
+        u_fm, v_aux_fm = _heads(out, aux_head, "meanflow_loss")
+        us.append(u_fm)
+        v_auxs.append(v_aux_fm)
         targets.append(v[fm])
 
     # Rows with r < t: the JVP target at the coefficient lam.
@@ -1066,10 +1453,12 @@ def meanflow_loss(
         vhat = None
         if config.two_tangents or not _is_one(lam):
             vhat = vhat_estimate(apply_fn, params, zm, tm, ym, source=config.vhat, ema_params=state.get("vhat_params"),
-                                 boundary=None if boundary is None else boundary[mf])
+                                 boundary=None if boundary is None else boundary[mf], cond=_rows(cond_b, mf),
+                                 aux_v_head=aux_head)
+        heads_kw = {"cond": _rows(cond, mf), "aux_v_head": aux_head}
         if config.two_tangents:
             epshat = vm - vhat
-            u_mf, base, j_eps = two_tangent_jvp(apply_fn, params, zm, rm, tm, vhat, epshat, ym)
+            u_mf, base, j_eps, *v_aux_mf = two_tangent_jvp(apply_fn, params, zm, rm, tm, vhat, epshat, ym, **heads_kw)
             a = _bcast(tm - rm, nd) * j_eps
             # Weights at the coefficient in force, then (auto) update the pooled EMA, then the target.
             wts = adaptive_weights(per_row_error(u_mf, two_tangent_target(vm, tm - rm, base, j_eps, lam), reduction), p, c)
@@ -1081,8 +1470,9 @@ def meanflow_loss(
             extra = {"target_var": target_variance(epshat, a, lam, wts),
                      "lam_hat": jnp.clip(num / jnp.maximum(den, 1e-30), 0.0, 1.0)}
         else:
-            u_mf, T_mf, _ = meanflow_target(apply_fn, params, zm, rm, tm, vm, vhat, lam, ym)
+            u_mf, T_mf, _, *v_aux_mf = meanflow_target(apply_fn, params, zm, rm, tm, vm, vhat, lam, ym, **heads_kw)
         us.append(u_mf)
+        v_auxs.append(v_aux_mf[0] if v_aux_mf else None)
         targets.append(T_mf)
 
     if _is_ema(config.vhat):
@@ -1092,6 +1482,14 @@ def meanflow_loss(
     target = jnp.concatenate(targets, 0) if len(targets) > 1 else targets[0]
     loss = adaptive_loss(per_row_error(u, target, reduction), p, c)
     aux = {**meanflow_metrics(u, target, r, t, lam), "loss_state": new_state, **extra}
+    if aux_head:
+        # The auxiliary v-head term: the same regression velocity v (v_c or v_g) for every row.
+        v_aux = jnp.concatenate(v_auxs, 0) if len(v_auxs) > 1 else v_auxs[0]
+        p_v = p if config.aux_v_adaptive_p is None else config.aux_v_adaptive_p
+        c_v = c if config.aux_v_adaptive_c is None else config.aux_v_adaptive_c
+        loss_v = adaptive_loss(per_row_error(v_aux, _sg(v), reduction), p_v, c_v)
+        aux.update(loss_u=loss, loss_v=loss_v, mse_v=jnp.mean((v_aux - _sg(v)) ** 2))
+        loss = loss + config.aux_v_weight * loss_v
     return loss, aux
 
 
@@ -1132,6 +1530,8 @@ def meanflow_sample(
     steps: int = 1,
     times: jax.Array | None = None,
     y: jax.Array | None = None,
+    omega=None,
+    interval=None,
 ) -> jax.Array:
     """Sample with the average velocity: ``z_r = z_t - (t - r) u_theta(z_t, r, t)`` from ``t = 1`` to 0.
 
@@ -1145,6 +1545,15 @@ def meanflow_sample(
       steps: number of function evaluations (NFE) on the uniform schedule.
       times: optional decreasing ``(k + 1,)`` schedule starting at 1 and ending at 0 (overrides ``steps``).
       y: optional labels (guidance is baked into a MeanFlow model, so 1-NFE guided sampling is one call).
+      omega, interval: the guidance conditioning inputs of a model trained with
+        ``MeanFlowConfig.guidance_conditioning`` (the official iMF sampler's ``omega, t_min, t_max``): a
+        scale (scalar or ``(B,)``) and an interval ``(t_lo, t_hi)`` (scalars or ``(B,)``), e.g.
+        ``omega=8.0, interval=(0.4, 0.65)`` (the official iMF-B/2 evaluation setting). When either is
+        given both are passed as keywords ``apply_fn(params, z, r, t[, y], omega=, interval=)`` (the other
+        defaulting to ``1`` / ``(0, 1)``: no guidance), broadcast to ``(B,)``.
+
+    A model with an auxiliary v-head (``apply_fn`` returning a pair ``(u, v_aux)``) is sampled with ``u``.
+
     Returns:
       samples, shape of ``noise``.
 
@@ -1163,10 +1572,17 @@ def meanflow_sample(
     if times.ndim != 1 or times.shape[0] < 2:
         raise ValueError(f"meanflow_sample: times must have shape (k + 1,) with k >= 1, got {times.shape}")
     B = noise.shape[0]
+    cond = None
+    if omega is not None or interval is not None:
+        row = lambda a: jnp.broadcast_to(jnp.reshape(jnp.asarray(a, noise.dtype), (-1,)), (B,))
+        lo, hi = (0.0, 1.0) if interval is None else interval
+        cond = {"omega": row(1.0 if omega is None else omega), "interval": (row(lo), row(hi))}
 
     def body(z, i):
         t, r = times[i], times[i + 1]
-        u = _call(apply_fn, params, z, jnp.full((B,), r, z.dtype), jnp.full((B,), t, z.dtype), y)
+        u = _call(apply_fn, params, z, jnp.full((B,), r, z.dtype), jnp.full((B,), t, z.dtype), y, cond)
+        if isinstance(u, tuple | list):
+            u = u[0]
         return z - (t - r) * u, None
 
     z, _ = jax.lax.scan(body, noise, jnp.arange(times.shape[0] - 1))

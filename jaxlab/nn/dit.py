@@ -57,6 +57,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return jnp.einsum("bhnm,bhmd->bhnd", jax.nn.softmax(logits, axis=-1), v)
 
 
+#: Values of the ``attention`` option of :class:`DiTBlock` / :class:`DiT`.
+ATTENTION_IMPLEMENTATIONS = ("jnp", "pallas")
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, attention: str) -> jax.Array:
+    """``"jnp"``: :func:`dot_product_attention`; ``"pallas"``: :func:`jaxlab.kernels.flash_attention`
+    (fused kernels with a custom JVP, interpret mode on CPU)."""
+    if attention == "jnp":
+        return dot_product_attention(q, k, v)
+    if attention == "pallas":
+        from jaxlab.kernels import flash_attention
+
+        return flash_attention(q, k, v, implementation="pallas")
+    raise ValueError(f"DiT: attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+
+
 def _sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
     """Fixed 2D sin-cos position embedding ``(h*w, dim)`` (half the channels per axis)."""
     if dim % 4:
@@ -91,6 +107,7 @@ class DiTBlock(nn.Module):
     hidden: int
     heads: int
     mlp_ratio: float = 4.0
+    attention: str = "jnp"  # "jnp" (plain einsum/softmax) or "pallas" (jaxlab.kernels.flash_attention)
 
     @nn.compact
     def __call__(self, x, c):
@@ -101,7 +118,7 @@ class DiTBlock(nn.Module):
         h = _modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, name="ln1")(x), s1, a1)
         qkv = _dense(3 * self.hidden, "qkv", ("embed", "heads"))(h)
         q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        att = einops.rearrange(dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        att = einops.rearrange(_attend(q, k, v, self.attention), "b h n d -> b n (h d)")
         x = x + g1[:, None, :] * _dense(self.hidden, "proj", ("heads", "embed"))(att)
         h = _modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, name="ln2")(x), s2, a2)
         h = nn.gelu(_dense(int(self.hidden * self.mlp_ratio), "fc1", ("embed", "mlp"))(h), approximate=True)
@@ -124,6 +141,18 @@ class DiT(nn.Module):
       time_dim: sinusoidal width of each time embedding.
       time_scale: scale of ``t`` and ``h`` inside the sinusoidal embedding (it multiplies ``d_t u``).
       num_classes: ``> 0`` adds a label embedding with ``num_classes + 1`` rows.
+      attention: ``"jnp"`` (default, plain jnp) or ``"pallas"`` (:func:`jaxlab.kernels.flash_attention`:
+        Pallas kernels with a fused JVP; same outputs and ``jax.jvp``).
+      guidance_conditioning: add the guidance scale ``omega`` and the guidance interval ``(t_lo, t_hi)`` as
+        network inputs (the improved-MeanFlow guidance conditioning, ``MeanFlowConfig.guidance_conditioning``):
+        ``c += Dense_0(TimeEmbedding(1 - 1/omega) + TimeEmbedding(t_lo) + TimeEmbedding(t_hi))`` with a
+        zero-initialised ``Dense_0`` (``guidance_proj``), so at initialisation the conditioning changes
+        nothing (identity-safe). ``1 - 1/omega`` is what the official iMF code embeds (its
+        ``omega_embedder(1 - 1 / w)``); it has in-context tokens where this DiT adds to ``c``. Omitted inputs
+        mean no guidance: ``omega = 1``, interval ``(0, 1)``.
+      aux_v_head: also return an auxiliary instantaneous-velocity head, ``(u, v)`` (the iMF v-head,
+        ``MeanFlowConfig.aux_v_head``). Here the v-head is a second adaLN-zero final layer on the shared
+        blocks (the official imfDiT gives each head its own last ``aux_head_depth`` blocks).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -145,9 +174,12 @@ class DiT(nn.Module):
     time_dim: int = 64
     time_scale: float = 1000.0
     num_classes: int = 0
+    attention: str = "jnp"
+    guidance_conditioning: bool = False
+    aux_v_head: bool = False
 
     @nn.compact
-    def __call__(self, z, r, t, y=None):
+    def __call__(self, z, r, t, y=None, *, omega=None, interval=None):
         if z.ndim != 4:
             raise ValueError(f"DiT: expected z of shape (B, H, W, C), got {z.shape}")
         B, H, W, C = z.shape
@@ -164,9 +196,24 @@ class DiT(nn.Module):
             c = c + nn.Embed(self.num_classes + 1, self.hidden, name="y_embed")(y)
         elif y is not None:
             raise ValueError("DiT: labels y given but num_classes == 0")
+        if self.guidance_conditioning:
+            per_row = lambda a, d: jnp.broadcast_to(jnp.reshape(jnp.asarray(d if a is None else a, jnp.float32), (-1,)), (B,))
+            lo, hi = (None, None) if interval is None else interval
+            g = TimeEmbedding(self.time_dim, self.hidden, self.time_scale, name="omega_embed")(1 - 1 / per_row(omega, 1.0))
+            g = g + TimeEmbedding(self.time_dim, self.hidden, self.time_scale, name="t_lo_embed")(per_row(lo, 0.0))
+            g = g + TimeEmbedding(self.time_dim, self.hidden, self.time_scale, name="t_hi_embed")(per_row(hi, 1.0))
+            c = c + nn.Dense(self.hidden, kernel_init=nn.initializers.zeros_init(), name="guidance_proj")(g)
+        elif omega is not None or interval is not None:
+            raise ValueError("DiT: guidance inputs omega/interval given but guidance_conditioning=False")
         for i in range(self.depth):
-            x = DiTBlock(self.hidden, self.heads, self.mlp_ratio, name=f"block_{i}")(x, c)
+            x = DiTBlock(self.hidden, self.heads, self.mlp_ratio, attention=self.attention, name=f"block_{i}")(x, c)
+        x_blocks = x
         shift, scale = jnp.split(_dense(2 * self.hidden, "final_adaLN", ("embed", "mlp"), zero=True)(nn.silu(c)), 2, -1)
         x = _modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, name="final_ln")(x), shift, scale)
         out = _dense(self.patch * self.patch * C, "final", ("embed", "mlp"), zero=True)(x)
-        return unpatchify(out, self.patch, H, W)
+        if not self.aux_v_head:
+            return unpatchify(out, self.patch, H, W)
+        shift, scale = jnp.split(_dense(2 * self.hidden, "v_final_adaLN", ("embed", "mlp"), zero=True)(nn.silu(c)), 2, -1)
+        xv = _modulate(nn.LayerNorm(use_bias=False, use_scale=False, epsilon=1e-6, name="v_final_ln")(x_blocks), shift, scale)
+        v = _dense(self.patch * self.patch * C, "v_final", ("embed", "mlp"), zero=True)(xv)
+        return unpatchify(out, self.patch, H, W), unpatchify(v, self.patch, H, W)
