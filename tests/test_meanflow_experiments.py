@@ -35,16 +35,96 @@ def test_meanflow_2d_writes_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_meanflow_digits_writes_report(tmp_path):
+def test_meanflow_digits_v1_writes_report(tmp_path):
     run = _load(ROOT / "experiments/meanflow_digits/run.py", "mfdigits_run")
-    assert run.main(["--quick", "--steps", "20", "--out", str(tmp_path)]) == 0
+    assert run.main(["--quick", "--steps", "20", "--overlay", str(ROOT / "experiments/meanflow_digits/v1.yaml"),
+                     "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["classifier_accuracy"] > 0.9
     assert "MeanFlow lam=auto @ 1 NFE" in res["fd"] and (tmp_path / "samples.png").exists()
 
 
 @pytest.mark.slow
-def test_meanflow_benchmark_quick(tmp_path):
-    bench = _load(ROOT / "benchmarks/meanflow_step.py", "mf_bench")
-    res = bench.main(["--quick", "--inner", "1", "--reps", "1", "--out", str(tmp_path / "b.json")])
-    assert res["rows"][0]["ratio_vs_flow_matching"] == 1.0 and len(res["rows"]) == 7
+def test_meanflow_digits_v2_writes_report(tmp_path):
+    run = _load(ROOT / "experiments/meanflow_digits/run.py", "mfdigits_run")
+    assert run.main(["--quick", "--steps", "8", "--seeds", "2", "--set", "classifier.steps=200",
+                     "--set", "sweep.coefficients=[0.0, 0.5, 1.0]", "--set", "sweep.grad_var.batches=3",
+                     "--set", "eval.n=200", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["protocol"] == "v2" and res["checkpoint_steps"] == [2, 4, 6, 8]
+    assert set(res["fd_1nfe"]) == {"ω = 2", "ω = 1"}
+    for step in ("2", "8"):
+        by = res["fd_1nfe"]["ω = 2"][step]
+        assert set(by) == {"0", "0.5", "1"} and all(len(v) == 2 for v in by.values())
+        own, shared = res["grad_var"]["own_var_mse"][step], res["grad_var"]["shared_var_mse"][step]
+        assert all(x > 0 for v in own.values() for x in v)
+        # At lam = 1 the "shared" (lam = 1 params) measurement is the own one.
+        assert shared["1"] == own["1"]
+    assert {v["answer"].split()[0] for v in res["verdicts"].values()} <= {"YES", "NO", "PARTLY"}
+    for f in ("report.md", "coefficient_sweep.png", "samples.png"):
+        assert (tmp_path / f).exists(), f
+
+
+def test_meanflow_digits_verdicts_follow_the_numbers():
+    run = _load(ROOT / "experiments/meanflow_digits/run.py", "mfdigits_run")
+    lams = [0.0, 0.5, 1.0]
+    # Two checkpoints, three seeds; seed-means: step 1 FD 3 > 2 > 1 (monotone, best at 1), step 2 FD 2 < 3 > 1.
+    fd = {1: {"0": [3.0, 3.1, 2.9], "0.5": [2.0, 2.1, 1.9], "1": [1.0, 1.1, 0.9]},
+          2: {"0": [2.0, 2.1, 1.9], "0.5": [3.0, 3.1, 2.9], "1": [1.0, 1.1, 0.9]}}
+    b, c = run.verdict_prefers_one(fd, lams), run.verdict_monotone(fd, lams)
+    assert b["answer"] == "YES" and all(p["resolved"] for p in b["per_checkpoint"])
+    assert c["answer"] == "PARTLY" and [p["direction"] for p in c["per_checkpoint"]] == ["decreasing", "not monotone"]
+    gv = {1: {"0": [2.0, 2.2, 2.1], "0.5": [1.0, 1.1, 1.2], "1": [1.5, 1.6, 1.7]},
+          2: {"0": [2.0, 2.2, 2.1], "0.5": [3.0, 3.1, 3.2], "1": [1.5, 1.6, 1.7]}}
+    a = run.verdict_interior_minimum(gv, lams)
+    assert a["answer"] == "PARTLY" and [p["argmin"] for p in a["per_checkpoint"]] == [0.5, 1.0]
+    assert a["per_checkpoint"][0]["resolved"] is True
+    inc = {1: {"0": [1.0], "0.5": [2.0], "1": [3.0]}}
+    assert run.verdict_monotone(inc, lams)["answer"].startswith("NO (monotone")
+    assert run.verdict_prefers_one(inc, lams)["answer"] == "NO"
+
+
+def test_meanflow_digits_grad_variance_matches_stacked_gradients():
+    """The Welford two-cotangent estimator equals the sample variance of explicitly computed gradients."""
+    import dataclasses
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxlab.losses import MeanFlowConfig, meanflow_init_state, meanflow_loss
+    from jaxlab.nn import DiT
+
+    run = _load(ROOT / "experiments/meanflow_digits/run.py", "mfdigits_run")
+    model = DiT(patch=4, hidden=8, depth=1, heads=2, time_dim=8, time_scale=1.0, num_classes=10,
+                guidance_conditioning=True, aux_v_head=True)
+    cfg = MeanFlowConfig.imf(num_classes=10)
+    xs = jax.random.normal(jax.random.PRNGKey(0), (20, 8, 8, 1))
+    ys = jnp.arange(20) % 10
+    params = model.init(jax.random.PRNGKey(1), xs[:2], jnp.zeros(2), jnp.zeros(2), ys[:2])
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), params)  # not zero-out
+    K, B, lam = 3, 8, 0.25
+    keys = jax.random.split(jax.random.PRNGKey(3), K)
+    stats = run.make_grad_variance(model, cfg, xs, ys, K, B)(
+        jax.tree.map(lambda a: a[None], params), jnp.asarray([lam]), keys[None])
+    c = dataclasses.replace(cfg, jvp_cond_weight=lam)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def ref_grad(p, idx, kl, name):
+        def f(q):
+            loss, aux = meanflow_loss(model.apply, q, xs[idx], kl, config=c, y=ys[idx], loss_state=meanflow_init_state(c))
+            return loss if name == "loss" else aux["mse_mf"] * 64
+
+        return jax.grad(f)(p)
+
+    for name in ("loss", "mse"):
+        gs = []
+        for key in keys:
+            kb, kl = jax.random.split(key)
+            idx = jax.random.randint(kb, (B,), 0, xs.shape[0])
+            gs.append(np.concatenate([np.ravel(g) for g in jax.tree.leaves(ref_grad(params, idx, kl, name))]))
+        gs = np.stack(gs).astype(np.float64)
+        want = np.sum((gs - gs.mean(0)) ** 2) / (K - 1)
+        np.testing.assert_allclose(float(stats[f"var_{name}"][0]), want, rtol=2e-3)
+        np.testing.assert_allclose(float(stats[f"mean_sq_{name}"][0]), np.sum(gs.mean(0) ** 2), rtol=2e-3)
