@@ -85,7 +85,7 @@ def test_meanflow_digits_verdicts_follow_the_numbers():
 
 
 # slow: 27 s on the 2-core box, nearly all compiling three iMF-DiT JVP graphs; the default suite's budget is
-# ~10 min. The estimator's output is also checked every run of the experiment (its report prints both measures).
+# ~10 min (`make test-slow` runs it).
 @pytest.mark.slow
 def test_meanflow_digits_grad_variance_matches_stacked_gradients():
     """The Welford two-cotangent estimator equals the sample variance of explicitly computed gradients."""
