@@ -156,20 +156,40 @@ def energy_distance(x, y) -> jax.Array:
     return jnp.where(finite, ed * s, jnp.nan)
 
 
-def mmd_rbf(x, y, bandwidth: float | None = None) -> jax.Array:
-    """Squared MMD with an RBF kernel ``exp(-||a-b||^2 / (2 s^2))`` (V-statistic).
+def mmd_rbf(x, y, bandwidth: float | None = None, *, unbiased: bool = False) -> jax.Array:
+    """Squared MMD with an RBF kernel ``k(a, b) = exp(-||a-b||^2 / (2 s^2))``.
+
+    .. math:: \\mathrm{MMD}^2 = \\mathbb{E}\\,k(x, x') + \\mathbb{E}\\,k(y, y') - 2\\,\\mathbb{E}\\,k(x, y)
+
+    ``unbiased=False`` (default) is the V-statistic: all pairs, diagonals included, ``>= 0``, but biased
+    upwards by about ``(1/n + 1/m)(1 - E k)``, which for a small bandwidth is close to ``1/n + 1/m``
+    (the value two independent draws of the same distribution get). ``unbiased=True`` is the U-statistic:
+    the ``i = i'`` terms of the two within-sample means are dropped and the means divide by ``n (n - 1)``
+    and ``m (m - 1)``; its expectation is the population MMD² (0 for equal distributions), so it can be
+    slightly negative. Use it when comparing small values (a local bandwidth on good samples).
 
     ``s`` defaults to the median heuristic: the median pairwise distance of the pooled samples.
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> from jaxlab.metrics import mmd_rbf
       >>> round(float(mmd_rbf(jnp.array([[0.0]]), jnp.array([[1.0]]), bandwidth=1.0)), 4)  # 2 - 2 exp(-1/2)
       0.7869
+      >>> x, y = (jax.random.normal(jax.random.PRNGKey(i), (512, 2)) for i in (0, 1))
+      >>> v, u = mmd_rbf(x, y, 0.1), mmd_rbf(x, y, 0.1, unbiased=True)
+      >>> bool(v > 1e-3 > abs(u))   # same distribution: the V-statistic sits near 2/512, the U-statistic near 0
+      True
     """
     x, y = _check_pair(x, y, "mmd_rbf")
     if bandwidth is None:
         pooled = jnp.concatenate([x, y], 0)
         bandwidth = jnp.median(_pdist(pooled, pooled))
     k = lambda a, b: jnp.exp(-(_pdist(a, b) ** 2) / (2 * bandwidth**2))
-    return jnp.mean(k(x, x)) + jnp.mean(k(y, y)) - 2 * jnp.mean(k(x, y))
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    if not unbiased:
+        return jnp.mean(kxx) + jnp.mean(kyy) - 2 * jnp.mean(kxy)
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"mmd_rbf(unbiased=True) needs at least 2 samples on each side, got x {x.shape}, y {y.shape}")
+    within = lambda kk, c: (jnp.sum(kk) - jnp.sum(jnp.diagonal(kk))) / (c * (c - 1))
+    return within(kxx, n) + within(kyy, m) - 2 * jnp.mean(kxy)

@@ -1,5 +1,6 @@
 """Flow matching end to end: a trained model beats a standard Gaussian on SW2 for every toy dataset."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +119,31 @@ def test_euler_sample_rejects_non_positive_steps_like_meanflow_sample(steps):
     with pytest.raises(ValueError) as ref:
         meanflow_sample(lambda p, z, r, t: z, None, noise, steps=steps)
     assert str(ref.value) == str(err.value).replace("euler_sample", "meanflow_sample")
+
+
+def test_velocity_mlp_fourier_features_match_a_manual_feature_map():
+    # fourier_features = F: the first Dense sees [z, sin(2 pi z B), cos(2 pi z B)] with a constant B drawn
+    # from fourier_seed (not a parameter). Reference: a plain VelocityMLP fed the features by hand, with the
+    # same parameters (its "in" kernel takes 2 + 2F inputs; its output layer has 2 + 2F columns, of which we
+    # compare the first two against a copy of the output layer cut to 2 columns).
+    F, s = 8, 0.7
+    m = VelocityMLP(hidden=16, depth=2, time_dim=8, fourier_features=F, fourier_scale=s, fourier_seed=3)
+    z = jax.random.normal(jax.random.PRNGKey(0), (5, 2))
+    t, r = jnp.full((5,), 0.8), jnp.full((5,), 0.3)
+    p = nn.unbox(m.init(jax.random.PRNGKey(1), z, r, t))
+    assert p["params"]["in"]["kernel"].shape == (2 + 2 * F, 16)
+    assert "B" not in str(jax.tree_util.tree_structure(p))
+    B = np.random.default_rng(3).normal(0.0, s, (2, F)).astype(np.float32)
+    zb = 2 * np.pi * np.asarray(z) @ B
+    feats = jnp.asarray(np.concatenate([np.asarray(z), np.sin(zb), np.cos(zb)], -1))
+    plain = VelocityMLP(hidden=16, depth=2, time_dim=8)
+    pp = jax.tree.map(lambda a: a, p)
+    pp["params"]["out"] = {"kernel": jnp.pad(p["params"]["out"]["kernel"], ((0, 0), (0, 2 * F))),
+                           "bias": jnp.pad(p["params"]["out"]["bias"], (0, 2 * F))}
+    want = plain.apply(pp, feats, r, t)[:, :2]
+    np.testing.assert_allclose(m.apply(p, z, r, t), want, rtol=1e-5, atol=1e-5)
+    # B comes from fourier_seed (another seed: another map on the same parameters); fourier_features = 0 is
+    # the plain network (same parameter shapes as before the option existed).
+    other = VelocityMLP(hidden=16, depth=2, time_dim=8, fourier_features=F, fourier_scale=s, fourier_seed=4)
+    assert float(jnp.max(jnp.abs(other.apply(p, z, r, t) - m.apply(p, z, r, t)))) > 1e-3
+    assert nn.unbox(plain.init(jax.random.PRNGKey(1), z, r, t))["params"]["in"]["kernel"].shape == (2, 16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlab.nn.embeddings import TimeEmbedding
 
@@ -25,6 +26,13 @@ class VelocityMLP(nn.Module):
       time_dim: sinusoidal embedding width for each of ``t`` and ``h``.
       time_scale: scale applied to ``t`` and ``h`` inside the sinusoidal embedding.
       num_classes: if > 0, a label embedding is added (index ``num_classes`` is the null class).
+      fourier_features: if > 0, ``z`` enters as ``[z, sin(2 pi z B), cos(2 pi z B)]`` with a fixed
+        ``B ~ N(0, fourier_scale^2)`` of shape ``(dim, fourier_features)`` (random Fourier features,
+        Tancik et al. 2020). ``B`` is a constant drawn from ``fourier_seed`` (not a parameter), so the
+        same attributes give the same network on every host. Plain coordinate MLPs are slow to fit the
+        sharp, many-turn fields of thin 2D data (spirals, rings); the features lift that spectral bias.
+      fourier_scale: standard deviation of ``B`` (frequency in cycles per data unit).
+      fourier_seed: NumPy seed of ``B``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -42,6 +50,9 @@ class VelocityMLP(nn.Module):
     time_dim: int = 64
     time_scale: float = 1000.0
     num_classes: int = 0
+    fourier_features: int = 0
+    fourier_scale: float = 1.0
+    fourier_seed: int = 0
 
     @nn.compact
     def __call__(self, z, r, t, y=None):
@@ -58,7 +69,14 @@ class VelocityMLP(nn.Module):
             if y is None:
                 y = jnp.full((B,), self.num_classes, jnp.int32)
             cond = cond + nn.Embed(self.num_classes + 1, self.hidden, name="y_embed")(y)
-        h = dense(self.hidden, "in", ("embed", "mlp"))(z) + cond
+        x = z
+        if self.fourier_features > 0:
+            B = np.random.default_rng(self.fourier_seed).normal(
+                0.0, self.fourier_scale, (out_dim, self.fourier_features)
+            ).astype(np.float32)
+            zb = 2 * jnp.pi * (z @ jnp.asarray(B, z.dtype))
+            x = jnp.concatenate([z, jnp.sin(zb), jnp.cos(zb)], axis=-1)
+        h = dense(self.hidden, "in", ("embed", "mlp"))(x) + cond
         h = nn.silu(h)
         for i in range(self.depth - 1):
             h = nn.silu(dense(self.hidden, f"hidden_{i}", ("mlp", "embed"))(h))
