@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,13 @@ def test_meanflow_2d_writes_report(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["results"]) == {"eight_gaussians", "two_moons"}
     assert set(res["results"]["two_moons"]) == {"0", "0.25", "0.5", "0.75", "0.9", "0.94", "1", "auto"}
+    assert {"sw2_1", "mmd_1", "energy_1", "sw2_2", "mmd_2"} <= set(res["results"]["two_moons"]["1"])
+    # The flow-matching reference: one value per seed for each metric, and the data-vs-data floor.
+    ref = res["reference"]["two_moons"]
+    assert len(ref["sw2_fm"]) == len(ref["mmd_fm"]) == len(res["results"]["two_moons"]["1"]["sw2_1"])
+    assert set(ref["floor"]) == {"sw2", "mmd", "energy"}
+    ratio = res["summary"]["one_step_vs_flow_matching"]["two_moons"]["ratio_1nfe"]["sw2"]["1"]
+    assert ratio == pytest.approx(np.mean(res["results"]["two_moons"]["1"]["sw2_1"]) / np.mean(ref["sw2_fm"]))
     o = res["oracle"]
     # The exact target MSE is a quadratic in lam minimised at the reported lam*.
     i = min(range(len(o["lams"])), key=lambda k: o["target_mse"][k])
