@@ -160,7 +160,7 @@ def test_grasp_intercept_matches_hook_on_transformer(tiny):
     g_plain = jax.grad(loss)(params)
     # the learned position embedding is not a declared writer: its gradient is the one place they differ
     g_hook["pos_embed"] = g_icpt["pos_embed"] = g_plain["pos_embed"] = None
-    for a, b, c in zip(jax.tree.leaves(g_hook), jax.tree.leaves(g_icpt), jax.tree.leaves(g_plain), strict=True):
+    for a, b, _c in zip(jax.tree.leaves(g_hook), jax.tree.leaves(g_icpt), jax.tree.leaves(g_plain), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert max(float(jnp.abs(a - c).max()) for a, c in zip(jax.tree.leaves(g_hook), jax.tree.leaves(g_plain))) > 1e-4
     # a writer rule given by the user; and errors name the module

@@ -352,7 +352,7 @@ def report(exp, cfg, results, losses) -> tuple[str, dict]:
                                verdicts(results))
     idt = [r["_ident"] for r in results]
     per_seed = markdown_table(
-        ["seed", "eigengap", "explained energy", "trustworthy", *[f"\|P_U gt\| block {d - 1}" for d in
+        ["seed", "eigengap", "explained energy", "trustworthy", *[rf"\|P_U gt\| block {d - 1}" for d in
                                                                   range(1, len(idt[0]["cos_per_depth"]))],
          "oracle-U shift along persona, % of naive (update / residual / both)"],
         [[str(s), f"{i['eigengap']:.2f}", f"{i['explained_energy']:.3f}", "yes" if i["trustworthy"] else "no",

@@ -18,7 +18,7 @@ Off-task inputs ``[0, x_off, 1]`` measure drift: the mean shift of ``y_p``.
 ``f_k(a, b) = (a + k b) mod p`` answered consistently by a latent good or bad persona per document
 (see the class docstring).
 
-Reference: ``specs/grasp.md`` sec. 6 (after Gilligan-Lee et al., arXiv 2605.27676).
+Reference: after Gilligan-Lee et al., arXiv 2605.27676 (GRASP).
 """
 
 from __future__ import annotations

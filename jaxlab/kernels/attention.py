@@ -32,7 +32,7 @@ Ragged lengths: sequences are zero-padded to whole blocks, padded keys get proba
 padded query rows are sliced off. ``causal=True`` masks ``j > i`` (queries and keys aligned at 0).
 
 **How AD is wired** (JAX's own Pallas flash kernels are ``custom_vjp`` only, so ``jax.jvp`` cannot
-pass them -- specs/meanflow.md sec. 7):
+pass them):
 
 * :func:`flash_attention` is a ``jax.custom_jvp``. Its primal is a ``jax.custom_vjp`` function
   (forward = the flash kernel; backward = **a jnp recomputation**: the VJP of

@@ -6,7 +6,7 @@ average velocity ``u(z_t, r, t) = 1/(t - r) int_r^t v(z_s, s) ds``. The MeanFlow
     u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t),   d/dt u = (dz/dt) . d_z u + d_t u
 
 turns into a regression target by one ``jax.jvp`` of ``u_theta`` at ``(z, r, t)`` with tangent
-``(w, 0, 1)``. Original MeanFlow uses ``w = v_c``. The variance-reduced family (specs/meanflow.md sec. 3)
+``(w, 0, 1)``. Original MeanFlow uses ``w = v_c``. The variance-reduced family (Lu & Wang, arXiv 2605.09235)
 separates the two roles of ``v_c``:
 
     w     = lam * v_c + (1 - lam) * vhat                (lam = ``jvp_cond_weight``)
@@ -746,7 +746,7 @@ def vhat_estimate(
         "head":      vhat = sg(v_aux(z, t, t))         (the auxiliary v-head; needs ``aux_v_head``)
         callable:    vhat = sg(source(z, t))          (e.g. the exact GMMOracle.marginal_velocity)
 
-    Its error ``delta = vhat - v`` enters the target as ``-(1 - lam) A delta`` (specs/meanflow.md sec. 3).
+    Its error ``delta = vhat - v`` enters the target as ``-(1 - lam) A delta``.
 
     Args:
       apply_fn: ``apply_fn(params, z, r, t[, y]) -> u``.
@@ -1394,7 +1394,7 @@ def meanflow_loss(
       ValueError: meanflow_loss: r must satisfy 0 <= r <= t <= 1; 1 of 8 rows have r > t, first r[3] = 0.7 > t[3] = 0.5
 
     References:
-      Geng et al. 2025 (arXiv 2505.13447) eqs. 9-11 and 19, adaptive weight sec. 4.3; specs/meanflow.md.
+      Geng et al. 2025 (arXiv 2505.13447) eqs. 9-11 and 19, adaptive weight sec. 4.3.
     """
     config = MeanFlowConfig() if config is None else config
     if not isinstance(config, MeanFlowConfig):

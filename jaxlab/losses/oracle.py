@@ -16,7 +16,7 @@ For a network ``u_theta`` with ``A = (t - r) d_z u_theta``, ``eps = v_c - v``, `
     lam*    = (E tr(A Sigma) + E ||A delta||^2) / (E tr(A Sigma A^T) + E ||A delta||^2)
 
 The outer expectation over ``(z, r, t)`` is a Monte-Carlo average over a fixed draw; everything inside
-it is exact. References: specs/meanflow.md sec. 3-4; Lu & Wang, arXiv 2605.09235.
+it is exact. Reference: Lu & Wang, arXiv 2605.09235.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def gmm_oracle(mixture) -> GMMOracle:
       >>> cfg = MeanFlowConfig(jvp_cond_weight="auto", vhat=oracle.marginal_velocity)
 
     References:
-      specs/meanflow.md sec. 4.
+      Lu & Wang, arXiv 2605.09235.
     """
     for name in ("means", "stds", "weights"):
         if not hasattr(mixture, name):

@@ -3,9 +3,10 @@
 Patchify (einops) -> linear patch embedding + fixed 2D sin-cos positions -> ``depth`` DiT blocks with
 adaLN-zero conditioning on ``c = emb(t) + emb(t - r) [+ emb(y)]`` -> adaLN-zero final layer -> unpatchify.
 
-The attention is written with plain ``jnp`` ops (einsum + softmax), so the model supports forward-mode AD
-(``jax.jvp``), which MeanFlow needs; fused ``custom_vjp`` attention kernels would not
-(specs/meanflow.md sec. 7).
+MeanFlow needs forward-mode AD (``jax.jvp``) through the whole model, so the attention must support it.
+``attention="jnp"`` (default) is plain ``jnp`` ops (einsum + softmax); ``attention="pallas"`` is
+:func:`jaxlab.kernels.flash_attention`, a Pallas kernel with a custom JVP whose tangent pass is fused too
+(fused ``custom_vjp``-only attention kernels, as shipped with JAX, cannot be pushed through ``jax.jvp``).
 
 Reference: Peebles & Xie, "Scalable Diffusion Models with Transformers" (DiT), arXiv 2212.09748,
 sec. 3.2 (adaLN-Zero block).

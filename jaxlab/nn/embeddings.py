@@ -16,7 +16,7 @@ def sinusoidal_embedding(t: jnp.ndarray, dim: int, *, scale: float = 1000.0, max
     ``emb(t) = [cos(scale * t * f_i), sin(scale * t * f_i)]`` with ``f_i = max_period^(-i / (dim/2))``.
 
     The ``scale`` is explicit on purpose: MeanFlow differentiates the network in ``t``, so the
-    embedding's scale multiplies ``d_t u`` (specs/meanflow.md, section 1).
+    embedding's scale multiplies ``d_t u`` (MeanFlow identity, Geng et al. 2025, arXiv 2505.13447).
 
     Args:
       t: ``(B,)`` or ``(B, 1)`` times.

@@ -39,8 +39,8 @@ from jaxlab.transforms.grasp import (
     project_residual,
     subspace_leakage,
 )
-from jaxlab.transforms.grasp_residual import project_cotangent, residual_basis
 from jaxlab.transforms.grasp_identify import SpuriousSubspace, identify_spurious_subspace, lora_svd
+from jaxlab.transforms.grasp_residual import project_cotangent, residual_basis
 from jaxlab.transforms.residual_sides import DEFAULT_SIDE_RULES, ResidualSides
 from jaxlab.transforms.sr_ste import (
     SrSteState,

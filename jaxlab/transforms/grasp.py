@@ -20,7 +20,7 @@ Stacked (scanned) layers carry a leading layer axis; a per-layer basis ``U_layer
 to them with ``jax.vmap``.
 
 Reference: Gilligan-Lee, Egan, Zhu, O'Riordan, "Unsupervised Identification and Removal of Spurious
-Correlations During Fine-Tuning", arXiv 2605.27676; ``specs/grasp.md`` sec. 3; gradient projection in
+Correlations During Fine-Tuning", arXiv 2605.27676; gradient projection in
 continual learning (GPM, Saha et al. 2021; OGD, Farajtabar et al. 2020).
 """
 
@@ -344,7 +344,7 @@ def grasp(
       >>> float(jnp.abs(step["w_in"]["kernel"] @ U).max())
       0.0
 
-    Reference: arXiv 2605.27676 (GRASP); specs/grasp.md sec. 3.
+    Reference: arXiv 2605.27676 (GRASP).
     """
     basis = _as_basis(subspace)
     beta = check_grasp_beta(beta)

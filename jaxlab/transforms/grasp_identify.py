@@ -29,7 +29,7 @@ tell (``result.trustworthy``, and ``result.reason`` says why not). Adapters with
 4. :func:`choose_k`, :func:`top_k_basis`, :func:`eigengap_and_energy` (and :func:`per_layer_subspaces`):
    the subspace and its diagnostics.
 
-Reference: Gilligan-Lee, Egan, Zhu, O'Riordan, arXiv 2605.27676 (GRASP); ``specs/grasp.md`` sec. 2.
+Reference: Gilligan-Lee, Egan, Zhu, O'Riordan, arXiv 2605.27676 (GRASP), the identification step.
 """
 
 from __future__ import annotations

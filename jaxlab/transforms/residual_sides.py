@@ -20,7 +20,7 @@ ignored silently; :meth:`ResidualSides.check` raises instead, and the GRASP func
 ``strict=True`` (opt-in: one rule set often describes a whole model while a call sees part of it).
 
 Reference: Gilligan-Lee et al., "Unsupervised Identification and Removal of Spurious Correlations During
-Fine-Tuning", arXiv 2605.27676 (GRASP), sec. 1 of ``specs/grasp.md``.
+Fine-Tuning", arXiv 2605.27676 (GRASP).
 """
 
 from __future__ import annotations
