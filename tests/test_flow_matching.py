@@ -147,3 +147,6 @@ def test_velocity_mlp_fourier_features_match_a_manual_feature_map():
     other = VelocityMLP(hidden=16, depth=2, time_dim=8, fourier_features=F, fourier_scale=s, fourier_seed=4)
     assert float(jnp.max(jnp.abs(other.apply(p, z, r, t) - m.apply(p, z, r, t)))) > 1e-3
     assert nn.unbox(plain.init(jax.random.PRNGKey(1), z, r, t))["params"]["in"]["kernel"].shape == (2, 16)
+    for bad in (dict(fourier_features=-1), dict(fourier_features=4, fourier_scale=0.0)):
+        with pytest.raises(ValueError, match="fourier_features must be >= 0 and fourier_scale > 0"):
+            VelocityMLP(hidden=16, depth=2, time_dim=8, **bad).init(jax.random.PRNGKey(1), z, r, t)

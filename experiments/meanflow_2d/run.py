@@ -41,6 +41,11 @@ from jaxlab.training.experiment import markdown_table, mean_std, paired_differen
 from jaxlab.training.methods import get_method, make_schedule
 
 
+def _adam(tr: dict):
+    """Adam with a cosine decay to 0 over ``tr["steps"]`` (registry ``adam`` + ``make_schedule``)."""
+    return get_method("adam").make(make_schedule(tr["lr"], schedule="cosine", total_steps=tr["steps"]))
+
+
 def train_runs(model, sampler, cfg: dict, seeds: list[int], lams: list[float] | None, desc: str):
     """One harness run per ``(seeds[i], lams[i])``; ``lams=None`` trains the "auto" coefficient instead.
 
@@ -48,7 +53,7 @@ def train_runs(model, sampler, cfg: dict, seeds: list[int], lams: list[float] | 
     to 0 over ``train.steps`` (registry ``adam`` + ``make_schedule``).
     """
     tr = cfg["train"]
-    tx = get_method("adam").make(make_schedule(tr["lr"], schedule="cosine", total_steps=tr["steps"]))
+    tx = _adam(tr)
     base = MeanFlowConfig(jvp_cond_weight="auto" if lams is None else 1.0, **cfg["loss"])
 
     def loss_fn(params, batch, key, loss_state):
@@ -70,7 +75,7 @@ def train_flow_matching(model, sampler, cfg: dict, seeds: list[int], desc: str):
     """The multi-step reference: the same network, optimiser and steps trained with plain flow matching
     (``r = t``, one ``t ~ U(0, 1)`` per row), one run per seed (same init keys as the MeanFlow runs)."""
     tr = cfg["train"]
-    tx = get_method("adam").make(make_schedule(tr["lr"], schedule="cosine", total_steps=tr["steps"]))
+    tx = _adam(tr)
     return run_training(
         lambda params, batch, key: flow_matching_loss(model.apply, params, batch["x"], key), tx,
         lambda key: model.init(key, jnp.zeros((2, 2)), jnp.zeros(2), jnp.zeros(2)),

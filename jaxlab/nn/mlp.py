@@ -69,6 +69,11 @@ class VelocityMLP(nn.Module):
             if y is None:
                 y = jnp.full((B,), self.num_classes, jnp.int32)
             cond = cond + nn.Embed(self.num_classes + 1, self.hidden, name="y_embed")(y)
+        if self.fourier_features < 0 or (self.fourier_features > 0 and not self.fourier_scale > 0):
+            raise ValueError(
+                f"VelocityMLP: fourier_features must be >= 0 and fourier_scale > 0 when features are on, got "
+                f"fourier_features={self.fourier_features}, fourier_scale={self.fourier_scale}"
+            )
         x = z
         if self.fourier_features > 0:
             B = np.random.default_rng(self.fourier_seed).normal(
