@@ -1,5 +1,6 @@
 """Losses: flow matching (and MeanFlow with its variance-reduced family)."""
 
+from jaxlab.losses.coupling import OT_METHODS, ot_couple
 from jaxlab.losses.flow_matching import euler_sample, flow_matching_loss
 from jaxlab.losses.meanflow import (
     MeanFlowConfig,
@@ -30,7 +31,7 @@ from jaxlab.losses.meanflow import (
 from jaxlab.losses.oracle import GMMOracle, gmm_oracle
 from jaxlab.losses.time_sampling import logit_normal_time_pairs, num_flow_matching_rows
 
-__all__ = ["euler_sample", "flow_matching_loss"]
+__all__ = ["euler_sample", "flow_matching_loss", "ot_couple", "OT_METHODS"]
 __all__ += [
     "MeanFlowConfig",
     "meanflow_loss",
