@@ -36,7 +36,7 @@ import jaxlab
 from jaxlab.losses import MeanFlowConfig, euler_sample, meanflow_loss, meanflow_sample
 from jaxlab.nn import VelocityMLP
 
-# Defaults = config.yaml of meanflow_2d (MLP 4x256, time_scale 1, p = 1, c = 1e-3, 50 % r = t, logit-normal
+# Defaults = the v1 config of meanflow_2d (v1.yaml: MLP 4x256, time_scale 1, p = 1, c = 1e-3, 50 % r = t, logit-normal
 # (-0.4, 1), Adam 1e-3 cosine, batch 256); each variant overrides some of them.
 DEFAULTS = dict(
     hidden=256, depth=4, time_dim=64, time_scale=1.0,
