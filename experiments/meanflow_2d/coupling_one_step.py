@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from mechanism_one_step import init, model, train  # this folder is sys.path[0] when run as a script
 
 import jaxlab
 from jaxlab.losses import (
@@ -40,7 +40,6 @@ from jaxlab.losses import (
     meanflow_sample,
     ot_couple,
 )
-from jaxlab.nn import VelocityMLP
 
 DEFAULT_RUNS = ["fm:independent", "fm:exact", "mf:independent:p=1", "mf:independent:p=0", "mf:exact:p=1",
                 "mf:exact:p=0.5", "mf:exact:p=0", "mf:sinkhorn:p=0"]
@@ -53,23 +52,6 @@ def pairs(sampler, key, batch: int, coupling: str):
     return x, (e if coupling == "independent" else ot_couple(x, e, method=coupling, key=ks))
 
 
-def train(loss, params, steps: int, chunk: int = 500):
-    """Adam 1e-3 with cosine decay; ``loss(params, key)``; step ``i`` uses ``fold_in(PRNGKey(1), i)``."""
-    tx = optax.adam(optax.cosine_decay_schedule(1e-3, steps))
-
-    def step(carry, i):
-        p, o = carry
-        g = jax.grad(loss)(p, jax.random.fold_in(jax.random.PRNGKey(1), i))
-        u, o = tx.update(g, o, p)
-        return (optax.apply_updates(p, u), o), None
-
-    run = jax.jit(lambda c, s: jax.lax.scan(step, c, s + jnp.arange(chunk))[0])
-    carry = (params, tx.init(params))
-    for s in range(0, steps, chunk):
-        carry = run(carry, s)
-    return jax.block_until_ready(carry[0])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["spirals"])
@@ -80,8 +62,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = VelocityMLP(hidden=128, depth=4, time_dim=64, time_scale=1.0, fourier_features=64, fourier_scale=0.5)
-    p0 = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 2)), jnp.zeros(2), jnp.zeros(2))
+    net = model(128)  # the v2/v3 network: 4x128, 64 Fourier features of scale 0.5
+    p0 = init(net)
     base = MeanFlowConfig(jvp_cond_weight=1.0, flow_matching_fraction=0.5, time_mu=-0.4, time_sigma=1.0,
                           adaptive_p=1.0, adaptive_c=1e-3, reduction="sum")
     z_eval = jax.random.normal(jax.random.PRNGKey(5), (4096, 2))
@@ -99,17 +81,17 @@ def main(argv=None) -> int:
                 def loss(p, k, c=coupling, S=S):
                     kb, kl = jax.random.split(k)
                     x, e = pairs(S, kb, 256, c)
-                    return flow_matching_loss(model.apply, p, x, kl, noise=e)[0]
+                    return flow_matching_loss(net.apply, p, x, kl, noise=e)[0]
 
                 p = train(loss, p0, args.steps)
-                row.update(fm50=score(euler_sample(model.apply, p, z_eval, steps=50)),
-                           fm1=score(euler_sample(model.apply, p, z_eval, steps=1)))
+                row.update(fm50=score(euler_sample(net.apply, p, z_eval, steps=50)),
+                           fm1=score(euler_sample(net.apply, p, z_eval, steps=1)))
                 if args.noise:
                     def scatter(t, k, p=p, c=coupling, S=S):
                         x, e = pairs(S, k, 1024, c)
                         tt = jnp.full((1024,), t)
                         z = (1 - t) * x + t * e
-                        return jnp.mean(jnp.sum((e - x - model.apply(p, z, tt, tt)) ** 2, -1))
+                        return jnp.mean(jnp.sum((e - x - net.apply(p, z, tt, tt)) ** 2, -1))
 
                     keys = jax.random.split(jax.random.PRNGKey(11), 8)
                     row["target_scatter"] = {f"{t:g}": float(np.mean([scatter(float(t), k) for k in keys]))
@@ -120,11 +102,11 @@ def main(argv=None) -> int:
                 def loss(p, k, c=coupling, cfg=cfg, S=S):
                     kb, kl = jax.random.split(k)
                     x, e = pairs(S, kb, 256, c)
-                    return meanflow_loss(model.apply, p, x, kl, config=cfg, noise=e)[0]
+                    return meanflow_loss(net.apply, p, x, kl, config=cfg, noise=e)[0]
 
                 p = train(loss, p0, args.steps)
-                row.update(mf1=score(meanflow_sample(model.apply, p, z_eval, steps=1)),
-                           mf2=score(meanflow_sample(model.apply, p, z_eval, steps=2)))
+                row.update(mf1=score(meanflow_sample(net.apply, p, z_eval, steps=1)),
+                           mf2=score(meanflow_sample(net.apply, p, z_eval, steps=2)))
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(row), flush=True)
             with (out / "results.jsonl").open("a") as f:

@@ -38,11 +38,9 @@ __all__ = ["ot_couple", "OT_METHODS"]
 OT_METHODS = ("exact", "sinkhorn")
 
 
-def _pair_cost(x: jax.Array, e: jax.Array) -> jax.Array:
-    """``C_ij = ||x_i - e_j||^2`` over the flattened feature dimensions, ``(B, B)`` float32."""
-    xf = jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32)
-    ef = jnp.reshape(e, (e.shape[0], -1)).astype(jnp.float32)
-    return (jnp.sum(xf**2, -1)[:, None] + jnp.sum(ef**2, -1)[None, :] - 2.0 * xf @ ef.T).clip(0.0)
+def _pair_cost(xf, ef, xp=jnp):
+    """``C_ij = ||x_i - e_j||^2`` of ``(B, D)`` rows, ``(B, B)``; ``xp`` is ``jnp`` (device) or ``np`` (host)."""
+    return xp.maximum(xp.sum(xf**2, -1)[:, None] + xp.sum(ef**2, -1)[None, :] - 2.0 * xf @ ef.T, 0.0)
 
 
 def _exact_host(ndim: int):
@@ -60,9 +58,7 @@ def _exact_host(ndim: int):
         for i in range(xs.shape[0]):
             key = xs[i].tobytes() + es[i].tobytes()
             if key not in solved:
-                a, b = xs[i].astype(np.float64), es[i].astype(np.float64)
-                C = (a**2).sum(-1)[:, None] + (b**2).sum(-1)[None, :] - 2.0 * a @ b.T
-                rows, cols = linear_sum_assignment(C)
+                rows, cols = linear_sum_assignment(_pair_cost(xs[i].astype(np.float64), es[i].astype(np.float64), np))
                 perm = np.empty(B, np.int64)
                 perm[rows] = cols
                 solved[key] = perm
@@ -73,7 +69,8 @@ def _exact_host(ndim: int):
 
 
 def _sinkhorn_pairs(key: jax.Array, x: jax.Array, e: jax.Array, epsilon: float, iters: int) -> jax.Array:
-    C = _pair_cost(x, e)
+    C = _pair_cost(jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32),
+                   jnp.reshape(e, (e.shape[0], -1)).astype(jnp.float32))
     log_k = -C / (epsilon * jnp.maximum(jnp.mean(C), 1e-12))
     B = x.shape[0]
 
