@@ -65,6 +65,8 @@ def build(args):
         ("step_adamw phase 1", "step", never, 0),
         ("step_adamw phase 1, no SR-STE term", "step", {**never, "sr_ste_lambda": 0.0}, 0),
         ("step_adamw phase 1, z_every=10", "step", {**never, "z_every": 10}, 0),
+        ("step_adamw phase 1, z_stride=4", "step", {**never, "z_stride": 4}, 0),
+        ("step_adamw phase 1, z_stride=16", "step", {**never, "z_stride": 16}, 0),
         ("step_adamw phase 1, Z never (ablation)", "step", {**never, "z_every": 10**6}, 0),
         ("step_adamw phase 2", "step", never, 1),
         ("ste_adamw", "ste", {}, None),

@@ -18,7 +18,7 @@ from jaxlab.transforms import (
     step_statistics,
     step_switch_step,
 )
-from jaxlab.transforms.step import autoswitch, frozen_v_direction, z_statistic
+from jaxlab.transforms.step import autoswitch, frozen_v_direction, z_rows, z_statistic
 
 B1, B2, EPS = 0.9, 0.99, 1e-8
 
@@ -150,6 +150,52 @@ def test_z_every_samples_the_same_window_in_time(z_every, window):
         assert s.z_buffer.shape == (samples,)
     # the updates do not depend on the sampling (phase 1 is AdamW either way)
     close(every[-1]["u"], sampled[-1]["u"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,stride", [((7, 2), 3), ((12, 5), 4), ((3, 3, 4, 2), 5), ((10,), 3), ((2, 3), 4)])
+def test_z_rows_visit_every_row_exactly_once_over_a_rotation(shape, stride):
+    """The samples of offsets 0..k-1 partition the rows (leading axes flattened); offset o is rows o::k."""
+    x = jnp.arange(int(np.prod(shape)), dtype=jnp.float32).reshape(shape)
+    x2 = np.asarray(x).reshape(-1, 1) if len(shape) < 2 else np.asarray(x).reshape(-1, shape[-1])
+    seen = []
+    for o in range(stride):
+        rows, valid = jax.jit(z_rows, static_argnums=1)(x, stride, jnp.int32(o))
+        rows = np.asarray(rows)[np.ones(len(rows), bool) if valid is None else np.asarray(valid)]
+        np.testing.assert_array_equal(rows, x2[o::stride])
+        seen.append(rows)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen), axis=0), x2)
+
+
+def test_z_statistic_rotation_averages_to_the_full_statistic():
+    """With k dividing every leaf's rows, the mean over the k offsets of the sampled Z is the full Z."""
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    gs = [jax.random.normal(k[0], (8, 6)), jax.random.normal(k[1], (12, 4))]
+    nus = [jax.random.uniform(k[2], (8, 6)), jax.random.uniform(k[3], (12, 4))]
+    for geometric in (False, True):
+        full = float(z_statistic(gs, nus, B2, geometric=geometric))
+        sampled = [float(z_statistic(gs, nus, B2, geometric=geometric, stride=4, offset=o)) for o in range(4)]
+        avg = np.exp(np.mean(np.log(sampled))) if geometric else np.mean(sampled)
+        np.testing.assert_allclose(avg, full, rtol=1e-5)
+        assert max(abs(z / full - 1) for z in sampled) > 1e-3  # each sample alone is not the full statistic
+
+
+def test_z_stride_measures_the_rotating_row_sample():
+    """Z_t with z_stride = k: the mean of (1-b2)/b2 |g^2 - v_t| over rows (t mod k)::k of every N:M leaf."""
+    params, k = make_params(1), 3
+    kw = dict(b2=0.9, switch_eps=0.0, t_min=50, t_max=50)
+    _, _, ref = run(step_adamw(1e-3, **kw), params, 7)
+    _, _, hist = run(step_adamw(1e-3, z_stride=k, **kw), params, 7)
+    for t, h in enumerate(hist, start=1):
+        s = inner(h["new_state"])
+        terms = []
+        for name in ("dense", "conv"):  # the N:M leaves (the embedding is not a kernel)
+            g, nu = (np.asarray(x[name]["kernel"], np.float64) for x in (h["g"], s.nu))
+            d = (1 - 0.9) / 0.9 * np.abs(g * g - nu)
+            terms.append(d.reshape(-1, d.shape[-1])[t % k::k].ravel())
+        np.testing.assert_allclose(float(s.z), np.concatenate(terms).mean(), rtol=1e-5)
+        close(h["u"], ref[t - 1]["u"], rtol=0, atol=0)  # phase 1 does not depend on the sampling
+    with pytest.raises(ValueError, match="z_stride must be >= 1, got 0"):
+        step_adamw(1e-3, t_min=0, t_max=5, z_stride=0)
 
 
 def test_defaults_switch_at_adam_eps_and_bias_correct_the_frozen_v():

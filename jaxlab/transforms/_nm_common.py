@@ -28,7 +28,7 @@ __all__ = ["NM_STATIC_ARGS", "NMConfig", "nm_static_args", "prune", "register_nm
 
 #: Arguments of the N:M optimizer factories that must stay Python values under
 #: ``optax.inject_hyperparams`` (pass ``static_args=nm_static_args(factory)``).
-NM_STATIC_ARGS = ("n", "m", "window", "z_every", "b2", "prune_step")
+NM_STATIC_ARGS = ("n", "m", "window", "z_every", "z_stride", "b2", "prune_step")
 
 
 def nm_static_args(factory: Callable) -> tuple[str, ...]:
@@ -37,7 +37,7 @@ def nm_static_args(factory: Callable) -> tuple[str, ...]:
     Example:
       >>> from jaxlab.transforms import nm_static_args, step_adamw
       >>> nm_static_args(step_adamw)
-      ('n', 'm', 'window', 'z_every', 'b2')
+      ('n', 'm', 'window', 'z_every', 'z_stride', 'b2')
       >>> tx = optax.inject_hyperparams(step_adamw, static_args=nm_static_args(step_adamw))(
       ...     learning_rate=1e-3, switch_eps=1e-9, t_min=100, t_max=2000)
     """

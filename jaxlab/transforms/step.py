@@ -189,7 +189,51 @@ def frozen_v_direction(mus, nus, count, frozen, switch_step, *, b1, b2, eps, eps
             for mu, nu in zip(mus, nus)]
 
 
-def z_statistic(grads, nus, b2, *, geometric: bool = False) -> jax.Array:
+def z_rows(x: jax.Array, stride: int, offset=0) -> tuple[jax.Array, jax.Array | None]:
+    """The rows ``offset, offset + k, offset + 2k, ...`` of a leaf (``k = stride``): :func:`z_statistic`'s sample.
+
+    Rows are the leading axes flattened, the last axis kept whole (a ``(d_in, d_out)`` kernel: the full
+    rows of every ``k``-th input feature; a 1-D leaf: its elements), so the sample is contiguous runs of
+    memory and a reduction over it reads about ``1/k`` of the leaf. ``offset`` may be traced (STEP rotates it
+    with the step, so that ``k`` consecutive samples visit every row exactly once: a systematic sample with
+    a moving start, unbiased for the mean over the rows whatever structure the rows have, e.g. the blank
+    border pixels of an image's first layer). The first ``k * floor(rows / k)`` rows are taken through a
+    reshape ``(rows/k, k, cols)[:, offset]`` (shard-local under a row-sharded layout whose shards hold a
+    multiple of ``k`` rows); a tail of ``rows mod k`` rows contributes its row ``offset`` when there is one.
+
+    Args:
+      x: the leaf.
+      stride: ``k >= 1``.
+      offset: ``0 <= offset < k`` (int or traced int32).
+
+    Returns:
+      ``(rows, valid)``: the sampled rows as a 2-D array and, when a tail exists, a bool per row saying
+      whether it belongs to the sample (``None``: all do). ``stride = 1``: all rows, ``None``.
+
+    Example:
+      >>> from jaxlab.transforms.step import z_rows
+      >>> rows, valid = z_rows(jnp.arange(14.0).reshape(7, 2), 3, offset=1)
+      >>> rows.tolist(), valid.tolist()   # rows 1, 4 and the tail row 6 (= 2*3 + 0) is not offset 1
+      ([[2.0, 3.0], [8.0, 9.0], [12.0, 13.0]], [True, True, False])
+    """
+    x2 = x.reshape(-1, 1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
+    if stride == 1:
+        return x2, None
+    rows, cols = x2.shape
+    main, tail = divmod(rows, stride)
+    offset = jnp.asarray(offset, jnp.int32)
+    parts = []
+    if main:
+        blocks = x2[: main * stride].reshape(main, stride, cols)
+        parts.append(jax.lax.dynamic_index_in_dim(blocks, offset, axis=1, keepdims=False))
+    if not tail:
+        return parts[0], None
+    parts.append(jax.lax.dynamic_slice_in_dim(x2[main * stride:], jnp.minimum(offset, tail - 1), 1))
+    valid = jnp.concatenate([jnp.ones([main], bool), (offset < tail)[None]])
+    return jnp.concatenate(parts), valid
+
+
+def z_statistic(grads, nus, b2, *, geometric: bool = False, stride: int = 1, offset=0) -> jax.Array:
     """AutoSwitch's statistic: how much the second moment of the sparsifiable leaves ``S`` still moves.
 
     With the per-element change :math:`\\Delta_{t,i} = |v_{t,i} - v_{t-1,i}|
@@ -201,7 +245,9 @@ def z_statistic(grads, nus, b2, *, geometric: bool = False) -> jax.Array:
         Z_t = \\exp\\Big(\\frac{1}{|S|}\\sum_{i \\in S} \\log\\max(\\Delta_{t,i}, 10^{-30})\\Big)
         \\quad\\text{(geometric)}
 
-    over all elements of all sparsifiable leaves of this one step. The geometric mean floors each element
+    over all elements of all sparsifiable leaves of this one step (``stride = 1``), or over the rows
+    ``offset, offset + k, ...`` of each leaf (``stride = k``; :func:`z_rows`): then ``S`` is that
+    systematic sample of the elements and the mean is taken over it. The geometric mean floors each element
     at ``1e-30`` so that an exactly unchanged entry (``Delta = 0``, e.g. a zero gradient while ``v = 0``)
     contributes ``log 1e-30`` instead of ``-inf``. ``Delta`` is written with the *new* moment
     (``v_{t-1} = (v_t - (1-b2) g_t^2) / b2``) so that the old one is read only by its own update, which XLA
@@ -213,6 +259,8 @@ def z_statistic(grads, nus, b2, *, geometric: bool = False) -> jax.Array:
       nus: their ``v_t`` (``v_{t-1}`` when ``b2 = 0``).
       b2: Adam's second-moment decay.
       geometric: the element-wise geometric mean instead of the arithmetic one.
+      stride: measure on every ``stride``-th row of each leaf (:func:`z_rows`; 1: all elements).
+      offset: the first sampled row (``0 <= offset < stride``; may be traced).
 
     Returns:
       ``Z_t`` (float32 scalar; the sums are accumulated in float32).
@@ -224,14 +272,19 @@ def z_statistic(grads, nus, b2, *, geometric: bool = False) -> jax.Array:
       (2.0, 1.3229)
     """
     scale = 1.0 if _is_zero(b2) else (1 - b2) / b2
-    if geometric:
-        sums = [jnp.sum(jnp.log(jnp.maximum(scale * jnp.abs(g * g - nu).astype(jnp.float32), _TINY)))
-                for g, nu in zip(grads, nus)]
-        return jnp.exp(sum(sums) / float(sum(g.size for g in grads)))  # float: > 2**31 elements at 8B
-    sums = [jnp.sum(jnp.abs(g * g - nu).astype(jnp.float32)) for g, nu in zip(grads, nus)]
-    if not _is_zero(b2):
-        sums = [scale * s for s in sums]
-    return sum(sums) / float(sum(g.size for g in grads))
+    sums, count = [], 0
+    for g, nu in zip(grads, nus):
+        (g_r, valid), (nu_r, _) = z_rows(g, stride, offset), z_rows(nu, stride, offset)
+        delta = scale * jnp.abs(g_r * g_r - nu_r).astype(jnp.float32)
+        term = jnp.log(jnp.maximum(delta, _TINY)) if geometric else delta
+        if valid is None:
+            sums.append(jnp.sum(term))
+            count = count + float(term.size)  # float: > 2**31 elements at 8B
+        else:
+            sums.append(jnp.sum(jnp.where(valid[:, None], term, 0.0)))
+            count = count + jnp.sum(valid).astype(jnp.float32) * float(term.shape[1])
+    mean = sum(sums) / count
+    return jnp.exp(mean) if geometric else mean
 
 
 def autoswitch(state: StepState, z, t, *, window: int, switch_eps, t_min, t_max, record=True) -> StepState:
@@ -297,6 +350,7 @@ def scale_by_step(
     window: int | None = None,
     statistic: str = "mean",
     z_every: int = 1,
+    z_stride: int = 1,
     sr_ste_lambda: float = 2e-4,
     eps_frozen: float | None = None,
     bias_correct_frozen_v: bool = True,
@@ -330,6 +384,11 @@ def scale_by_step(
         extra pass over the gradients and ``v`` of the N:M leaves: most of phase 1's cost over AdamW on
         CPU, see ``benchmarks/README.md``) runs on one step in ``z_every``. The switch rule is still
         checked every step.
+      z_stride: measure ``Z_t`` on every ``k``-th row of each sparsifiable leaf (``k = z_stride``;
+        :func:`z_rows`; default 1: every element, the reference), starting at row ``s mod k`` for the
+        ``s``-th sample, so that ``k`` consecutive samples visit every row once. A systematic sample in
+        space of the same per-element mean, taken at every sampled step, whose reduction reads ``1/k`` of
+        the leaves; ``Zbar`` (a mean over ``window`` steps) then averages every row.
       sr_ste_lambda: SR-STE coefficient added in phase 2 (``0`` disables it).
       eps_frozen: epsilon of the frozen denominator (default ``eps ** 0.75``).
       bias_correct_frozen_v: divide ``v_{T_0}`` by ``1 - b2^{T_0}`` (default on; ``False`` is the
@@ -356,6 +415,9 @@ def scale_by_step(
     if z_every < 1:
         raise ValueError(f"z_every must be >= 1, got {z_every}")
     samples = -(-window // z_every)  # ring-buffer length: the samples in one window
+    z_stride = static_int(z_stride, "z_stride")
+    if z_stride < 1:
+        raise ValueError(f"z_stride must be >= 1, got {z_stride}")
     if statistic not in ("mean", "geometric"):
         raise ValueError(f"statistic must be 'mean' or 'geometric', got {statistic!r}")
     if not isinstance(t_min, jax.core.Tracer) and not isinstance(t_max, jax.core.Tracer):
@@ -420,7 +482,8 @@ def scale_by_step(
         # AutoSwitch: Z_t only on sampled phase-1 steps (lax.cond), then the ring buffer and the switch rule
         record = (t % z_every == 0) if z_every > 1 else True
         z = jax.lax.cond(in_p2 | jnp.logical_not(record), lambda *_: jnp.zeros([], jnp.float32),
-                         lambda g_s, nu_s: z_statistic(g_s, nu_s, b2, geometric=geometric),
+                         lambda g_s, nu_s: z_statistic(g_s, nu_s, b2, geometric=geometric, stride=z_stride,
+                                                       offset=(t // z_every) % z_stride),
                          [gs[i] for i in sparse], [(nus_old if b2_zero else nus)[i] for i in sparse])
         new_state = autoswitch(state, z, t, window=samples, switch_eps=switch_eps, t_min=t_min, t_max=t_max,
                                record=record)
@@ -446,6 +509,7 @@ def step_adamw(
     window: int | None = None,
     statistic: str = "mean",
     z_every: int = 1,
+    z_stride: int = 1,
     sr_ste_lambda: float = 2e-4,
     eps_frozen: float | None = None,
     bias_correct_frozen_v: bool = True,
@@ -487,7 +551,7 @@ def step_adamw(
     return with_lr_and_decay(
         scale_by_step(
             n=n, m=m, b1=b1, b2=b2, eps=eps, switch_eps=switch_eps, t_min=t_min, t_max=t_max,
-            window=window, statistic=statistic, z_every=z_every, sr_ste_lambda=sr_ste_lambda, eps_frozen=eps_frozen,
+            window=window, statistic=statistic, z_every=z_every, z_stride=z_stride, sr_ste_lambda=sr_ste_lambda, eps_frozen=eps_frozen,
             bias_correct_frozen_v=bias_correct_frozen_v, sparsify=sparsify, nm_axis=nm_axis,
         ),
         learning_rate,
