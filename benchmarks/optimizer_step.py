@@ -9,6 +9,9 @@ baseline), ``step`` (``step_adamw``) in phase 1 and in phase 2 (the state's phas
 phase-1 ablations split its cost: without the SR-STE term (``sr_ste_lambda=0``: its phase-1 work is
 the unpacking of an all-zero mask), with ``Z_t`` measured on one step in 10 (``z_every=10``) and
 never (``z_every=10**6``).
+``--train-step`` times whole train steps instead (``causal_lm_loss`` on a ``--batch`` x ``--seq`` token
+batch, its gradient through the forward params, the update): ``adamw`` vs STEP in phase 1 (reference
+``Z_t`` and ``z_stride=16``) and phase 2, so the update's overhead can be read as a share of a step.
 Methods are interleaved within each repetition so that load on a shared machine hits all of them
 alike; the reported time is the median over repetitions of the mean over ``--inner`` back-to-back
 updates; ratios divide by adamw's median from the same run.
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlab.nn.transformer import Transformer, TransformerConfig
+from jaxlab.nn.transformer import Transformer, TransformerConfig, causal_lm_loss
 from jaxlab.training.methods import get_method
 from jaxlab.transforms import StepState
 
@@ -93,6 +96,29 @@ def make_loop(tx, inner):
     return loop
 
 
+def make_train_loop(model, tx, forward_params_fn, tokens, inner):
+    """``inner`` whole train steps (loss, gradient through the forward params, update) in one jitted loop."""
+
+    def loss(p, state):
+        fp = p if forward_params_fn is None else forward_params_fn(p, state)
+        return causal_lm_loss(model.apply({"params": fp}, tokens), tokens)
+
+    @jax.jit
+    def loop(params, state, _):
+        def body(_, carry):
+            p, s = carry
+            g = jax.grad(loss)(p, s)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        return jax.lax.fori_loop(0, inner, body, (params, state))
+
+    return loop
+
+
+TRAIN_ROWS = ("adamw", "step_adamw phase 1", "step_adamw phase 1, z_stride=16", "step_adamw phase 2")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model, few repetitions")
@@ -101,10 +127,20 @@ def main(argv=None) -> dict:
     p.add_argument("--inner", type=int, default=10)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--out", default=None)
+    p.add_argument("--train-step", action="store_true", help="time whole train steps (forward + backward + update)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
     args = p.parse_args(argv)
     if args.quick:
         args.d_model, args.layers, args.inner, args.reps = 128, 2, 5, 5
     params, grads, opts, n_params = build(args)
+    if args.train_step:
+        opts = {k: opts[k] for k in TRAIN_ROWS}
+        model = Transformer(TransformerConfig(vocab=256, d_model=args.d_model, n_layers=args.layers,
+                                              n_heads=max(1, args.d_model // 64), d_ff=4 * args.d_model,
+                                              max_len=max(128, args.seq)))
+        tokens = jax.random.randint(jax.random.PRNGKey(2), (args.batch, args.seq), 0, 256)
+        fwd = get_method("step").forward_params_fn
     loops, states = {}, {}
     for name, (tx, phase) in opts.items():
         state = tx.init(params)
@@ -112,7 +148,11 @@ def main(argv=None) -> dict:
             state = _force(state, StepState, phase=jnp.asarray(phase, jnp.int32))
         if name == "asp_adamw (pruned)":  # one update prunes (prune_step=1); time the masked regime after it
             _, state = jax.jit(tx.update)(grads, state, params)
-        loops[name], states[name] = make_loop(tx, args.inner), state
+        if args.train_step:
+            loops[name] = make_train_loop(model, tx, None if name == "adamw" else fwd, tokens, args.inner)
+        else:
+            loops[name] = make_loop(tx, args.inner)
+        states[name] = state
         jax.block_until_ready(loops[name](params, state, grads))  # compile + warm up
     times = {name: [] for name in opts}
     for _ in range(args.reps):
@@ -132,13 +172,15 @@ def main(argv=None) -> dict:
         "inner": args.inner,
         "reps": args.reps,
         "ratio": "2:4",
+        "timed": f"train step (batch {args.batch} x {args.seq})" if args.train_step else "update + apply_updates",
         "rows": rows,
         "targets": {"step_adamw phase 1": 1.10, "step_adamw phase 2": 1.15},
     }
     here = pathlib.Path(__file__).resolve().parent
-    out = pathlib.Path(args.out) if args.out else here / ("optimizer_step_quick.json" if args.quick else "optimizer_step.json")
+    stem = "optimizer_train_step" if args.train_step else "optimizer_step"
+    out = pathlib.Path(args.out) if args.out else here / (f"{stem}_quick.json" if args.quick else f"{stem}.json")
     out.write_text(json.dumps(result, indent=2))
-    print(f"optimizer update + apply, transformer d_model={args.d_model} layers={args.layers} "
+    print(f"{result['timed']}, transformer d_model={args.d_model} layers={args.layers} "
           f"({n_params:,} params), {result['device']}")
     print(f"{'optimizer':<40}{'median ms':>12}{'x adamw':>10}")
     for r in rows:
