@@ -21,12 +21,13 @@ updates; ratios divide by adamw's median from the same run.
 Writes ``benchmarks/optimizer_step.json`` (``optimizer_step_quick.json`` with ``--quick``) next to
 this file and prints a table. Targets (issue 4): phase 2 <= 1.15x, phase 1 <= 1.10x adamw.
 
-Result on the shared 2-core CPU box (``python benchmarks/optimizer_step.py --reps 21``; d_model 512,
-4 layers, 12.9 M params, 2:4): phase 2 1.04x (meets the target), phase 1 1.42x (misses it), STE 1.03x,
-SR-STE 1.38x, ASP 0.92x / 0.96x; repeated runs move each ratio by about +-0.1. Of phase 1's extra 0.42x,
-the Z_t reduction (a second pass over ``g`` and ``v`` that XLA:CPU does not fuse with the moment updates:
-no multi-output reduce fusion on CPU) is 0.35x and the SR-STE term's phase-1 work 0.14x (the ablation
-rows); ``z_every=10`` brings phase 1 to 1.14x. Not measured on GPU/TPU.
+Result on a quiet 2-core CPU box (2026-12-03, ``--reps 21``; d_model 512, 4 layers, 12.9 M params, 2:4):
+phase 2 0.97x (meets the target), phase 1 1.47x (misses it), STE 1.00x, SR-STE 1.30x, ASP 0.95x / 0.98x;
+repeated runs move each ratio by about +-0.1. Of phase 1's extra 0.47x the Z_t reduction is 0.40x (a
+second pass over ``g`` and ``v`` that XLA:CPU does not fuse with the moment updates: no multi-output
+reduce fusion on CPU); ``z_stride=16`` brings phase 1 to 1.15x, ``z_every=10`` to 1.09x (their effect on
+the switch step: experiments/step_digits/README.md). With ``--train-step`` (batch 8 x 128): phase 1
+1.021x, ``z_stride=16`` 1.010x, phase 2 1.012x of AdamW's train step. Not measured on GPU/TPU.
 """
 
 from __future__ import annotations
