@@ -267,7 +267,11 @@ def test_prefix_mode_raises_when_null_rows_leave_the_r_equals_t_prefix():
 # Computed with the code as it was before these options existed, by the recipe of _pinned_run, under the
 # suite's settings (tests/conftest.py: CPU, XLA_FLAGS --xla_backend_optimization_level=0) with jax 0.10.2:
 # {name: ({loss, aux metrics}, sum of squared gradient entries)}. Other flags/backends/versions round
-# differently, so there the comparison is to 1e-5.
+# differently, so there the comparison is to 1e-5. Even in that setting XLA:CPU's code depends on the
+# host's vector ISA (an AVX-512 box moved two metrics by one float32 ulp, 9e-8 relative), so "bit for bit"
+# is checked to 4 ulps (5e-7): far below a change of the defaults' arithmetic (measured: "floor" instead of
+# "round" at B = 10, or "prefix" instead of "iid" dropout in guided_iid_B16, moves the loss by 1e-5 / 3e-6
+# and every other number by 1e-3 .. 0.3).
 PINNED_JAX = "0.10.2"
 PINNED = {
     "default_B8": ({"loss": 0.9990187883377075, "mse": 1.3457612991333008, "mse_fm": 1.5777896642684937,
@@ -310,8 +314,8 @@ def _pinned_run(B, cfg, labelled, keys=("mse", "mse_fm", "mse_mf")):
 @pytest.mark.parametrize("name", [n if n in ("default_B10", "guided_iid_B16") else pytest.param(n, marks=pytest.mark.slow)
                                   for n in sorted(PINNED)])
 def test_defaults_unchanged_against_pinned_values(name):
-    """The default options (and spelling them out) reproduce the pre-change numbers, bit for bit in the
-    setting they were computed in (see PINNED). B = 10 pins the default "round" count where it differs
+    """The default options (and spelling them out) reproduce the pre-change numbers, to 4 float32 ulps in
+    the setting they were computed in (see PINNED). B = 10 pins the default "round" count where it differs
     from "floor" (7.5 -> 8 r = t rows, floor 7); guided_iid_B16 drops one r = t and one r != t row (i.i.d. mode)."""
     B, kw, labelled = PINNED_CASES[name]
     exact = (jax.__version__ == PINNED_JAX and jax.default_backend() == "cpu"
@@ -321,7 +325,9 @@ def test_defaults_unchanged_against_pinned_values(name):
         keys = [k for k in want_metrics if k != "loss"]
         metrics, gsq, _ = _pinned_run(B, MeanFlowConfig(**kw, **extra), labelled, keys)
         if exact:
-            assert metrics == want_metrics and gsq == want_gsq, (name, extra, metrics, gsq)
+            np.testing.assert_allclose([metrics[k] for k in want_metrics], list(want_metrics.values()), rtol=5e-7,
+                                       atol=0, err_msg=f"{name} {extra}")
+            np.testing.assert_allclose(gsq, want_gsq, rtol=5e-7, atol=0, err_msg=f"{name} {extra}")
         else:
             np.testing.assert_allclose([metrics[k] for k in want_metrics], list(want_metrics.values()), rtol=1e-5)
             np.testing.assert_allclose(gsq, want_gsq, rtol=1e-4)
