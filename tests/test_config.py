@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from jaxlab.training import ConfigError, RunConfig, load_config
-from jaxlab.training.config import apply_set, deep_merge, from_dict, to_dict
+from jaxlab.training.config import apply_set, deep_merge, from_dict, load_yaml, to_dict
 
 
 @pytest.fixture
@@ -79,3 +79,14 @@ def test_required_field_missing():
 
     with pytest.raises(ConfigError, match="opts.k: required key is missing"):
         from_dict(Need, {}, "opts")
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    """``1e-3`` is a float in config files and ``--set`` (PyYAML alone, YAML 1.1, reads it as a string, which
+    free-form experiment configs pass on unvalidated, e.g. into ``step_adamw(switch_eps="3e-8")``)."""
+    assert isinstance(yaml.safe_load("1e-3"), str)  # the trap this guards against
+    assert apply_set({"step": {"t_min": 1}}, "step.switch_eps=3e-8") == {"step": {"t_min": 1, "switch_eps": 3e-8}}
+    got = load_yaml("a: 5e-9\nb: -2E+3\nc: 1.0e-8\nd: 7\ne: 1_000\nf: e5\ng: 1e\nh: '1e-3'\ni: .5\nj: 1.5")
+    assert got == {"a": 5e-9, "b": -2000.0, "c": 1e-8, "d": 7, "e": 1000, "f": "e5", "g": "1e", "h": "1e-3",
+                   "i": 0.5, "j": 1.5}
+    assert [type(got[k]) for k in "abdefh"] == [float, float, int, int, str, str]

@@ -422,6 +422,8 @@ def test_bad_arguments():
         step_adamw(1e-3, switch_eps=0.0, t_max=5)  # t_min (and t_max) are required
     with pytest.raises(ValueError, match="statistic"):
         step_adamw(1e-3, switch_eps=0.0, t_min=0, t_max=5, statistic="median")
+    with pytest.raises(TypeError, match="switch_eps must be a number, got the string '3e-8'"):
+        step_adamw(1e-3, t_min=0, t_max=5, switch_eps="3e-8")
     with pytest.raises(ValueError, match="z_every must be >= 1, got 0"):
         step_adamw(1e-3, t_min=0, t_max=5, z_every=0)
     # a group size without a packed index format fails when the optimizer is built, not at export

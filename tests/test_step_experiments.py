@@ -65,3 +65,33 @@ def test_step_lm_quick(tmp_path):
         assert before.any()
         np.testing.assert_allclose(np.asarray(st["local_rel_err_kept"])[i][before],
                                    np.asarray(de["local_rel_err_kept"])[i][before], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_step_digits_z_sampling_quick(tmp_path, monkeypatch):
+    """z_sampling.py: phase 1 does not depend on the ratio (the reference switches at the same step at every
+    N:M), and a sampled-Z run that switches when the reference does is the reference run (same accuracy)."""
+    import sys
+
+    folder = ROOT / "experiments" / "step_digits"
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "run", raising=False)  # the script imports step_digits' run.py as `run`
+    main = runpy.run_path(str(folder / "z_sampling.py"), run_name="z_sampling_test")["main"]
+    # switch_eps above Zbar at t ~ 100 (config comment: 4.5e-8 at t = 101): the Z test decides, not t_max
+    payload = main(["--quick", "--seeds", "2", "--out", str(tmp_path), "--set", "step.switch_eps=3e-8"])
+    monkeypatch.delitem(sys.modules, "run", raising=False)
+    assert (tmp_path / "z_sampling.md").exists() and "same switch" in (tmp_path / "z_sampling.md").read_text()
+    res = {(r["variant"], r["n"], r["m"]): r for r in payload["results"]}
+    assert len(res) == 12
+    ratios = [(2, 4), (1, 4), (1, 8)]
+    ref = {nm: res[("reference", *nm)] for nm in ratios}
+    assert all(ref[nm]["switch_step"] == ref[(2, 4)]["switch_step"] for nm in ratios)
+    assert all(s <= 200 for s in ref[(2, 4)]["switch_step"])  # before t_max + 1 = 201: by the test
+    matched = 0
+    for (variant, n, m), r in res.items():
+        for s, s_ref, acc, acc_ref in zip(r["switch_step"], ref[(n, m)]["switch_step"], r["deployed_acc"],
+                                          ref[(n, m)]["deployed_acc"]):
+            if variant != "reference" and s == s_ref:
+                assert acc == acc_ref, (variant, n, m, s)
+                matched += 1
+    assert matched > 0

@@ -39,6 +39,7 @@ __all__ = [
     "to_dict",
     "read_config",
     "apply_set",
+    "load_yaml",
     "deep_merge",
     "dump_config",
     "check_ranges",
@@ -292,6 +293,29 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``1e-3`` and ``5E-9`` are numbers, as in 1.2 and in
+    Python; PyYAML implements YAML 1.1, which needs a dot (``1.0e-3``) and reads ``1e-3`` as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as every jaxlab config is read: the safe loader, and ``1e-3`` is a float (not a string).
+
+    Example:
+      >>> from jaxlab.training.config import load_yaml
+      >>> load_yaml("lr: 1e-3\\neps: 1.0e-8\\nsteps: 1_000\\nname: e5")
+      {'lr': 0.001, 'eps': 1e-08, 'steps': 1000, 'name': 'e5'}
+    """
+    return yaml.load(text, Loader=_Loader)
+
+
 def apply_set(tree: dict, assignment: str) -> dict:
     """Apply one ``a.b.c=value`` override (value parsed as YAML: ``3``, ``1e-3``, ``true``, ``[1, 2]``)."""
     if "=" not in assignment:
@@ -300,7 +324,7 @@ def apply_set(tree: dict, assignment: str) -> dict:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {assignment!r}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = load_yaml(raw) if raw.strip() else ""
     override: dict = {}
     cur = override
     for p in parts[:-1]:
@@ -315,7 +339,7 @@ def _read_yaml(path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)

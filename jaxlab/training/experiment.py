@@ -36,10 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from tqdm.auto import tqdm
 
-from jaxlab.training.config import ConfigError, apply_set, deep_merge
+from jaxlab.training.config import ConfigError, apply_set, deep_merge, load_yaml
 from jaxlab.training.report import markdown_table
 from jaxlab.training.state import TrainState
 from jaxlab.training.train_step import make_train_step
@@ -187,14 +186,14 @@ def setup(file: str, argv: Sequence[str] | None = None, *, description: str | No
     args = experiment_parser(doc, prog=f"jaxlab reproduce {name}").parse_args(argv)
     path = folder / "config.yaml"
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = load_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"experiment {name}: no config.yaml in {folder}") from None
     quick = cfg.pop("quick", {}) or {}
     if args.quick:
         cfg = deep_merge(cfg, quick)
     for ov in args.overlay:
-        cfg = deep_merge(cfg, yaml.safe_load(Path(ov).read_text()) or {})
+        cfg = deep_merge(cfg, load_yaml(Path(ov).read_text()) or {})
     for s in args.set:
         before = cfg
         cfg = apply_set(cfg, s)

@@ -6,8 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
+from jaxlab.training.config import load_yaml
 from jaxlab.training.metrics import read_metrics
 
 __all__ = ["write_report", "markdown_table", "suspicious_values"]
@@ -99,7 +98,7 @@ def write_report(run_dir, extra_lines: list[str] | None = None) -> Path:
         by_split[r["split"]].append(r)
     cfg = {}
     if (run_dir / "config.yaml").exists():
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        cfg = load_yaml((run_dir / "config.yaml").read_text()) or {}
     md = [f"# Run report: {cfg.get('name', run_dir.name)}", ""]
     if cfg:
         md += [

@@ -22,9 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-import yaml
-
-from jaxlab.training.config import ConfigError, RunConfig, to_dict
+from jaxlab.training.config import ConfigError, RunConfig, load_yaml, to_dict
 
 __all__ = [
     "RunDirLocked",
@@ -159,7 +157,7 @@ def check_resume_config(run_dir, resolved: dict, *, allow_change: bool) -> dict[
     resuming = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
     if not (resuming and stored_path.is_file()):
         return {}
-    stored = yaml.safe_load(stored_path.read_text()) or {}
+    stored = load_yaml(stored_path.read_text()) or {}
     changes = config_changes(stored, resolved, defaults=to_dict(RunConfig()))
     if changes and not allow_change:
         raise ConfigError(

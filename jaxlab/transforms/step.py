@@ -427,6 +427,8 @@ def scale_by_step(
             raise ValueError(f"t_min={t_min} must be <= t_max={t_max}")
     if switch_eps is None:
         switch_eps = eps
+    if isinstance(switch_eps, str):  # float("3e-8") would pass the check below and fail inside jit
+        raise TypeError(f"switch_eps must be a number, got the string {switch_eps!r}")
     if not isinstance(switch_eps, jax.core.Tracer) and not float(switch_eps) >= 0.0:
         raise ValueError(f"switch_eps must be a non-negative number, got {switch_eps}")
     if eps_frozen is None:
