@@ -203,3 +203,30 @@ def test_trainable_mask_freezes_leaves_without_gradients(eight_devices):
         hlo = jax.jit(step, in_shardings=(sh, batch_sharding(mesh, 2))).lower(s0, x).compile().as_text()
         traffic = collective_traffic(hlo, 8)
         assert traffic["all-reduce"] == pytest.approx(2 * 7 / 8 * 4 * n_floats, rel=0.01), (trainable, traffic)
+
+
+def test_run_training_reports_the_runs_that_met_nan():
+    """A vmapped grid in which one run's loss turns NaN: named (seed, first step, what) by a warning or an
+    error; the other runs are unaffected; ``"ignore"`` stays silent."""
+    import warnings
+
+    import optax
+
+    from jaxlab.training.experiment import run_training
+
+    def loss_fn(p, batch, key):  # batch = the run's input: log of a negative number is NaN from step 1 on
+        return jnp.sum((p["w"] - 1.0) ** 2) + 0.0 * jnp.log(batch), {}
+
+    kw = dict(init_fn=lambda key: {"w": jnp.zeros(3)}, batch_fn=lambda key, r: r, steps=4, seeds=[3, 7, 9],
+              run_inputs=jnp.asarray([1.0, -1.0, 2.0]), progress=False)
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 runs met NaN/Inf:\n  seed 7: non-finite value \(NaN/Inf\) "
+                                            r"at step 1: the loss is the first non-finite value \(4 steps in all\)"):
+        res = run_training(loss_fn, optax.sgd(0.1), **kw)
+    assert np.all(np.isfinite(np.asarray(res.trace["loss"])[[0, 2]]))
+    with pytest.raises(jaxlab.training.NonFiniteError, match="seed 7"):
+        run_training(loss_fn, optax.sgd(0.1), on_nonfinite="raise", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_training(loss_fn, optax.sgd(0.1), on_nonfinite="ignore", **kw)
+    with pytest.raises(ValueError, match="on_nonfinite must be"):
+        run_training(loss_fn, optax.sgd(0.1), on_nonfinite="skip", **kw)

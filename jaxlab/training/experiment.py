@@ -28,6 +28,7 @@ import math
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from jaxlab.training.config import ConfigError, apply_set, deep_merge, load_yaml
 from jaxlab.training.report import markdown_table
 from jaxlab.training.state import TrainState
-from jaxlab.training.train_step import make_train_step
+from jaxlab.training.train_step import NonFiniteError, leaf_paths, make_train_step, nonfinite_message
 
 __all__ = [
     "Experiment",
@@ -286,6 +287,7 @@ def run_training(
     chunk: int | None = None,
     desc: str | None = None,
     progress: bool = True,
+    on_nonfinite: str = "warn",
 ) -> RunResult:
     """Train one run per seed with :func:`jaxlab.make_train_step`'s step, scanned in compiled chunks.
 
@@ -310,11 +312,17 @@ def run_training(
         chunk (for measurements too costly per step); those metrics join the trace as ``[runs, chunks,
         ...]`` with ``trace["chunk_end_step"]`` (the step each was taken after).
       chunk: steps per compiled chunk (default: ``steps`` when no progress bar, else about 1/20 of them).
+      on_nonfinite: what to do when a run met a NaN/Inf loss or gradient (the step's ``nonfinite``
+        metric): ``"warn"`` (default: one ``RuntimeWarning`` naming each such run's seed, first step and
+        first non-finite value; the other runs of a vmapped grid are unaffected), ``"raise"``
+        (:class:`jaxlab.training.NonFiniteError` with the same text, after the whole run) or ``"ignore"``.
     Returns:
       :class:`RunResult`: final states stacked over runs, per-step traces ``[runs, steps]`` of the
       metrics (``loss``, ``grad_norm``, ``nonfinite``, the loss's own, ``record_fn``'s, ``probe``'s) and
       wall seconds.
     """
+    if on_nonfinite not in ("warn", "raise", "ignore"):
+        raise ValueError(f"run_training: on_nonfinite must be 'warn', 'raise' or 'ignore', got {on_nonfinite!r}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     n_runs = len(seed_list)
     if n_runs < 1 or steps < 1:
@@ -393,7 +401,26 @@ def run_training(
         trace.update({k: np.stack([e[k] for e in ends], axis=1) for k in ends[0]})
         trace["chunk_end_step"] = np.broadcast_to(np.asarray(end_steps, np.int32), (n_runs, len(end_steps))).copy()
     state, probe_state = state
+    if on_nonfinite != "ignore" and "nonfinite" in trace:
+        _report_nonfinite(trace["nonfinite"], seed_list, leaf_paths(_index(state.params, 0)), desc, on_nonfinite)
     return RunResult(state=state, trace=trace, seconds=time.perf_counter() - t0, probe_state=probe_state)
+
+
+def _report_nonfinite(codes, seeds: list[int], paths: list[str], desc: str | None, action: str) -> None:
+    """Warn about (or raise for) the runs whose ``nonfinite`` trace ``[runs, steps]`` ever left ``-1``."""
+    lines = []
+    for i, row in enumerate(np.asarray(codes)):
+        bad = np.flatnonzero(row >= 0)
+        if bad.size:
+            t = int(bad[0])
+            lines.append(f"seed {seeds[i]}: " + nonfinite_message(row[t], t + 1, paths, f" ({bad.size} steps in all)"))
+    if not lines:
+        return
+    text = f"run_training{f' ({desc})' if desc else ''}: {len(lines)} of {len(seeds)} runs met NaN/Inf:\n  " + \
+        "\n  ".join(lines)
+    if action == "raise":
+        raise NonFiniteError(text)
+    warnings.warn(text, RuntimeWarning, stacklevel=3)
 
 
 def _index(tree, i):

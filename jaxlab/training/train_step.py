@@ -47,6 +47,7 @@ __all__ = [
     "DivergenceError",
     "NonFiniteError",
     "raise_if_nonfinite",
+    "nonfinite_message",
     "leaf_paths",
 ]
 
@@ -79,8 +80,13 @@ def raise_if_nonfinite(code: int, step: int, paths: list[str], note: str = "") -
     code = int(code)
     if code < 0:
         return
-    what = "the loss" if code == 0 else f"the gradient of params{paths[code - 1]}"
-    raise NonFiniteError(f"non-finite value (NaN/Inf) at step {step}: {what} is the first non-finite value{note}")
+    raise NonFiniteError(nonfinite_message(code, step, paths, note))
+
+
+def nonfinite_message(code: int, step: int, paths: list[str], note: str = "") -> str:
+    """The text for a ``metrics["nonfinite"]`` code ``>= 0``: the step and the first non-finite value."""
+    what = "the loss" if int(code) == 0 else f"the gradient of params{paths[int(code) - 1]}"
+    return f"non-finite value (NaN/Inf) at step {step}: {what} is the first non-finite value{note}"
 
 
 def state_shardings(state_abstract: TrainState, tx, mesh: Mesh, boxed_params=None, rules=None):
