@@ -196,6 +196,8 @@ def test_z_stride_measures_the_rotating_row_sample():
         close(h["u"], ref[t - 1]["u"], rtol=0, atol=0)  # phase 1 does not depend on the sampling
     with pytest.raises(ValueError, match="z_stride must be >= 1, got 0"):
         step_adamw(1e-3, t_min=0, t_max=5, z_stride=0)
+    with pytest.raises(ValueError, match="z_rows: stride must be >= 1, got 0"):
+        z_rows(jnp.zeros((4, 2)), 0)
 
 
 def test_defaults_switch_at_adam_eps_and_bias_correct_the_frozen_v():

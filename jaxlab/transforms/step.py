@@ -216,6 +216,8 @@ def z_rows(x: jax.Array, stride: int, offset=0) -> tuple[jax.Array, jax.Array | 
       >>> rows.tolist(), valid.tolist()   # rows 1, 4 and the tail row 6 (= 2*3 + 0) is not offset 1
       ([[2.0, 3.0], [8.0, 9.0], [12.0, 13.0]], [True, True, False])
     """
+    if int(stride) < 1:
+        raise ValueError(f"z_rows: stride must be >= 1, got {stride}")
     x2 = x.reshape(-1, 1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
     if stride == 1:
         return x2, None
