@@ -57,8 +57,9 @@ def _force(state, cls, **fields):
 
 def build(args):
     cfg = TransformerConfig(vocab=256, d_model=args.d_model, n_layers=args.layers, n_heads=max(1, args.d_model // 64),
-                            d_ff=4 * args.d_model, max_len=128)
-    params = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+                            d_ff=4 * args.d_model, max_len=max(128, getattr(args, "seq", 128)))
+    model = Transformer(cfg)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype) * 1e-2, params)
     # N:M on the block projections (a regex, applied by the registry through jaxlab.transforms.path_filter);
     # the embeddings and the unembedding stay dense. n/m/sparsify reach only the N:M methods.
@@ -81,7 +82,7 @@ def build(args):
     opts = {label: (get_method(name).make(1e-3, common=common, **hyper), phase)
             for label, name, hyper, phase in rows}
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    return params, grads, opts, n_params
+    return model, params, grads, opts, n_params
 
 
 def make_loop(tx, inner):
@@ -134,12 +135,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.d_model, args.layers, args.inner, args.reps = 128, 2, 5, 5
-    params, grads, opts, n_params = build(args)
+    model, params, grads, opts, n_params = build(args)
     if args.train_step:
         opts = {k: opts[k] for k in TRAIN_ROWS}
-        model = Transformer(TransformerConfig(vocab=256, d_model=args.d_model, n_layers=args.layers,
-                                              n_heads=max(1, args.d_model // 64), d_ff=4 * args.d_model,
-                                              max_len=max(128, args.seq)))
         tokens = jax.random.randint(jax.random.PRNGKey(2), (args.batch, args.seq), 0, 256)
         fwd = get_method("step").forward_params_fn
     loops, states = {}, {}
